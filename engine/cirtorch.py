@@ -23,7 +23,7 @@ ARCH_TO_NAME = {v["arch"]: k for k, v in CIRTORCH_TEACHERS.items()}
 
 def _torch_load_cirtorch(path: Path) -> dict:
     """torch.load with numpy's array types allowed (cirtorch pickles Lw as numpy arrays), nothing else."""
-    safe = [np.ndarray, np.dtype, np.core.multiarray._reconstruct]
+    safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct]
     safe += [type(np.dtype(t)) for t in ("float32", "float64", "int64")]
     try:
         with torch.serialization.safe_globals(safe):

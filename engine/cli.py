@@ -1,0 +1,288 @@
+"""The `engine` command: a thin typer layer over the package's functions."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EngineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Asymmetric image retrieval: teacher galleries, student queries, fast top-k search.")
+store_app = typer.Typer(no_args_is_help=True, help="Create, convert and inspect gallery stores.")
+data_app = typer.Typer(no_args_is_help=True, help="Benchmarks and datasets.")
+app.add_typer(store_app, name="store")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise EngineError(f"--scales must be comma-separated numbers, got {text!r}") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise EngineError(f"--scales must be positive, got {text!r}")
+    return scales
+
+
+def resolve_encoder(model: Optional[str], student: Optional[str], target: Optional[str], weights: Optional[str]):
+    """The encoder named by --model (teacher name / checkpoint) or --student (checkpoint, or arch + --target)."""
+    from .models import STUDENTS, build_student, load_encoder
+
+    if bool(model) == bool(student):
+        raise EngineError("give exactly one of --model (teacher name or checkpoint) and --student")
+    if model:
+        return load_encoder(model, weights)
+    if student in STUDENTS:
+        if not target:
+            raise EngineError(f"untrained student {student!r} needs --target: the teacher store (or teacher name) it maps into")
+        if Path(target).is_dir():
+            from .store import read_manifest
+
+            m = read_manifest(Path(target))
+            return build_student(student, m["dim"], m["space"], weights, teacher=m.get("info", {}).get("encoder", {}).get("name", ""))
+        teacher = load_encoder(target)
+        return build_student(student, teacher.dim, teacher.space, weights, teacher=teacher.name)
+    enc = load_encoder(student)
+    if enc.config.get("role") != "student":
+        console.print(f"[yellow]note[/]: {student} is a {enc.config.get('role')}, encoding with it as given")
+    return enc
+
+
+def resolve_items(images: Optional[Path], gnd: Optional[Path], split: str):
+    """(items, names) from --images DIR|LIST, or from a ground truth's gallery or query list (queries with their bbx)."""
+    from .datasets import revisited
+    from .images import list_images
+
+    if gnd is not None:
+        cfg = revisited.load_gnd(gnd)
+        images_dir = images or revisited.images_dir_for(gnd)
+        if split == "query":
+            return revisited.query_items(cfg, images_dir), list(cfg["qimlist"])
+        return revisited.gallery_items(cfg, images_dir), list(cfg["imlist"])
+    if images is None:
+        raise EngineError("give --images DIR|LIST or --gnd GND.pkl")
+    paths = list_images(images)
+    root = images if images.is_dir() else images.parent
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+    return [(p, None) for p in paths], names
+
+
+@app.command()
+def models():
+    """List the known teachers and students and where their weights come from."""
+    from .models import describe_registry
+
+    table = Table("name", "role", "weights / notes")
+    for row in describe_registry():
+        table.add_row(row["name"], row["role"], row["notes"])
+    out.print(table)
+
+
+@app.command()
+def encode(
+    out_path: Path = typer.Option(..., "--out", help="A store directory, or Q.npy for query vectors"),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher name, .safetensors checkpoint or cirtorch .pth"),
+    student: Optional[str] = typer.Option(None, "--student", help="Student checkpoint, or an untrained student architecture"),
+    target: Optional[str] = typer.Option(None, "--target", help="For an untrained student: the teacher store (or name) whose space it maps into"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file for the backbone ('random' for random init)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images or a list file; with --gnd, the jpg/ folder"),
+    gnd: Optional[Path] = typer.Option(None, "--gnd", help="Revisited-format ground truth: encode its gallery or queries"),
+    split: str = typer.Option("gallery", "--split", help="With --gnd: gallery or query (queries are cropped to bbx)"),
+    max_side: int = typer.Option(362, "--max-side", help="Longest image side in pixels"),
+    scales: str = typer.Option("1", "--scales", help="Multi-scale factors, e.g. 1,0.707,0.5"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    workers: int = typer.Option(-1, "--workers", help="Decoding workers (-1: half the cores)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the manifest and go on"),
+    shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows per shard (stores)"),
+    dtype: str = typer.Option("float32", "--dtype", help="Store dtype: float32, float16, bfloat16 or int8"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete store"),
+):
+    """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar)."""
+    from .encode import EncodeOptions, default_workers, encode_to_array, encode_to_store, save_vectors
+
+    if split not in ("gallery", "query"):
+        raise EngineError(f"--split must be gallery or query, got {split!r}")
+    enc = resolve_encoder(model, student, target, weights)
+    items, names = resolve_items(images, gnd, split)
+    opts = EncodeOptions(max_side=max_side, batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
+                         scales=parse_scales(scales), skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}")
+    if out_path.suffix == ".npy":
+        if out_path.exists() and not overwrite:
+            raise EngineError("exists: pass --overwrite to replace it", out_path)
+        vecs, kept, skipped = encode_to_array(enc, items, opts)
+        meta = {"space": enc.space, "dim": enc.dim, "encoder": enc.config, "encode": opts.describe(),
+                "names": [names[i] for i in kept], "skipped": skipped}
+        save_vectors(out_path, vecs, meta)
+        console.print(f"wrote {len(vecs)} x {enc.dim} vectors to {out_path} (space {enc.space}); skipped {len(skipped)}")
+    else:
+        store = encode_to_store(enc, items, names, out_path, opts, shard_rows, dtype, overwrite)
+        console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} in {len(store.manifest['shards'])} shard(s) "
+                      f"(space {store.space}); skipped {len(store.skipped)}")
+
+
+@app.command()
+def search(
+    store_path: Path = typer.Argument(..., help="Gallery store directory"),
+    queries: Path = typer.Option(..., "--queries", help="Query vectors: Q.npy (with its .json sidecar) or a store"),
+    k: int = typer.Option(100, "-k", help="Results per query"),
+    out_path: Path = typer.Option(..., "--out", help="RESULT.npz with ids (Q x k int64) and scores (Q x k float32)"),
+):
+    """Exact top-k by inner product of each query against a store."""
+    from .encode import load_vectors
+    from .search import search as run_search
+    from .store import atomic_write_bytes, open_store
+
+    store = open_store(store_path)
+    q, meta = load_vectors(queries)
+    scores, ids = run_search(store, q, k, space=meta.get("space"))
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids, scores=scores)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, buf.getvalue())
+    console.print(f"wrote top-{ids.shape[1]} of {store.count} for {len(q)} queries to {out_path}")
+
+
+def load_ranks(path: Path) -> np.ndarray:
+    """(n_gallery, n_queries) ranks from a .npy, or from a search result .npz (its ids, transposed)."""
+    from .evaluate import ranks_from_ids
+
+    if not path.exists():
+        raise EngineError("no such ranks file", path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise EngineError(f"not a readable .npy/.npz ({type(e).__name__})", path) from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if "ids" not in data:
+            raise EngineError("result .npz has no 'ids' array", path)
+        return ranks_from_ids(data["ids"])
+    if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
+        raise EngineError(f"ranks must be a 2-d integer array (n_gallery, n_queries), got {data.dtype} {data.shape}", path)
+    return data
+
+
+def metrics_table(results: dict[str, dict], title: str = "") -> Table:
+    """One row per setting, mAP and mP@k per protocol, in percent."""
+    table = Table(title=title or None)
+    table.add_column("setting")
+    for proto in ("easy", "medium", "hard"):
+        table.add_column(f"{proto[0].upper()} mAP", justify="right")
+        table.add_column(f"{proto[0].upper()} mP@1,5,10", justify="right")
+    for name, res in results.items():
+        row = [name]
+        for proto in ("easy", "medium", "hard"):
+            r = res[proto]
+            row += [f"{r['mAP']:.2f}", f"{r['mP@1']:.1f} {r['mP@5']:.1f} {r['mP@10']:.1f}"]
+        table.add_row(*row)
+    return table
+
+
+@app.command("eval")
+def eval_cmd(
+    gnd: Path = typer.Option(..., "--gnd", help="Revisited-format ground truth .pkl"),
+    ranks: Path = typer.Option(..., "--ranks", help="(n_gallery, n_queries) ranks .npy, or a search result .npz"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, unrounded"),
+):
+    """mAP and mP@1,5,10 under the Easy, Medium and Hard protocols."""
+    from .datasets.revisited import load_gnd
+    from .evaluate import evaluate_revisited
+
+    cfg = load_gnd(gnd)
+    r = load_ranks(ranks)
+    if r.shape[1] != len(cfg["gnd"]):
+        raise EngineError(f"ranks cover {r.shape[1]} queries, the ground truth has {len(cfg['gnd'])}", ranks)
+    if r.size and (r.min() < 0 or r.max() >= len(cfg["imlist"])):
+        raise EngineError(f"ranks hold gallery indices outside 0..{len(cfg['imlist']) - 1}", ranks)
+    res = evaluate_revisited(r, cfg["gnd"])
+    if as_json:
+        print(json.dumps(res))
+    else:
+        out.print(metrics_table({ranks.name: res}))
+
+
+@store_app.command("import")
+def store_import(
+    vectors: Path = typer.Argument(..., help="N x D .npy array"),
+    out_path: Path = typer.Option(..., "--out"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16, bfloat16 or int8"),
+    space: Optional[str] = typer.Option(None, "--space", help="Embedding-space id (default: from the sidecar, else 'imported:<sha>')"),
+    shard_rows: int = typer.Option(65536, "--shard-rows"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Make a store from vectors computed elsewhere."""
+    from .encode import load_vectors
+    from .store import sha256_file, write_store
+
+    v, meta = load_vectors(vectors)
+    space = space or meta.get("space") or f"imported:{sha256_file(vectors)[:16]}"
+    store = write_store(out_path, v, space, meta.get("names"), dtype, shard_rows, {"imported_from": str(vectors)}, overwrite)
+    console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} (space {space})")
+
+
+@store_app.command("info")
+def store_info(store_path: Path = typer.Argument(...), verify: bool = typer.Option(False, "--verify", help="Check every sha256")):
+    """Describe a store (and verify its checksums with --verify)."""
+    from .store import open_store
+
+    store = open_store(store_path, checksums=verify, allow_incomplete=True)
+    m = store.manifest
+    print(json.dumps({"path": str(store.path), "space": store.space, "dim": store.dim, "count": store.count,
+                      "complete": store.complete, "copies": store.dtypes, "shards": len(m["shards"]),
+                      "skipped": len(store.skipped), "verified": verify}, indent=1))
+
+
+@data_app.command("views")
+def data_views(
+    out_dir: Path = typer.Option(..., "--out"),
+    photos: Optional[Path] = typer.Option(None, "--photos", help="A folder of photographs (default: those shipped in packages)"),
+    difficulty: str = typer.Option("medium", "--difficulty"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Build the offline instance-retrieval benchmark from real photographs."""
+    from .datasets.views import build_views
+
+    info = build_views(out_dir, photos=photos, difficulty=difficulty, seed=seed)
+    console.print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))}))
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("engine-demo"), "--out", help="Where the benchmark, stores and results go"),
+    photos: Optional[Path] = typer.Option(None, "--photos", help="Build the benchmark from this folder of photographs"),
+    student: str = typer.Option("mobilenetv2", "--student", help="Student architecture"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
+):
+    """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
+    from .demo import run_demo
+
+    results = run_demo(out_dir, photos=photos, student=student, log=console)
+    if as_json:
+        print(json.dumps(results["metrics"]))
+    else:
+        out.print(metrics_table(results["metrics"], title=f"asymmetric retrieval on {results['benchmark']}"))
+        for line in results["notes"]:
+            out.print(line)
+
+
+def main() -> None:
+    try:
+        app()
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,98 @@
+"""Reading images for the encoders: decode, convert to RGB, crop, resize; every failure names the file."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import EngineError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MIN_SIDE = 32  # the trunks' stride: a smaller input leaves no feature map to pool
+DEFAULT_MAX_SIDE = 362
+# Decompression-bomb guard: refuse images over this many pixels before decoding them.
+MAX_PIXELS = 400_000_000
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: grayscale, palette, CMYK and alpha are converted; 16/32-bit scaled down."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.size and a.max() > 0 else 1.0
+        img = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file to RGB (EXIF orientation applied). Raises EngineError naming the file on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise EngineError("image not found", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise EngineError(f"image is {img.width}x{img.height}, over the {MAX_PIXELS} pixel limit", path)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except EngineError:
+        raise
+    except Exception as e:  # PIL raises many types for a bad file
+        raise EngineError(f"cannot decode image ({type(e).__name__}: {e})".splitlines()[0], path) from None
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size after scaling down so the longer side is at most `max_side`, and up so the shorter is at least MIN_SIDE."""
+    scale = min(1.0, max_side / max(width, height))
+    scale = max(scale, MIN_SIDE / min(width, height))
+    return max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
+
+
+def load_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence[float] | None = None) -> torch.Tensor:
+    """An image as a 3 x H x W float32 tensor in [0, 1]: cropped to `bbx` (x1, y1, x2, y2) first, then resized.
+
+    The longer side is brought down to `max_side` (never up, as cirtorch does), the shorter up to MIN_SIDE.
+    """
+    img = open_rgb(path)
+    if bbx is not None:
+        x1, y1, x2, y2 = (float(v) for v in bbx)
+        x1, y1 = max(0.0, x1), max(0.0, y1)
+        x2, y2 = min(float(img.width), x2), min(float(img.height), y2)
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            raise EngineError(f"bounding box {list(bbx)} is empty inside the {img.width}x{img.height} image", path)
+        img = img.crop((round(x1), round(y1), round(x2), round(y2)))
+    size = fit_size(img.width, img.height, max_side)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """A folder (its image files, sorted, recursively) or a list file (one path per line, relative to the list's folder)."""
+    source = Path(source)
+    if not source.exists():
+        raise EngineError("no such folder or image list", source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise EngineError(f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})", source)
+        return paths
+    try:
+        lines = source.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise EngineError("not a text image list (one path per line) nor a folder", source) from None
+    paths = [Path(s.strip()) for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not paths:
+        raise EngineError("image list is empty", source)
+    return [p if p.is_absolute() else source.parent / p for p in paths]
