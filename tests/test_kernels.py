@@ -1,0 +1,213 @@
+"""The descriptor head: the Triton kernels against the torch reference, the reference against float64.
+
+By default the Triton kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1
+is set here, before kernels.triton_head is imported: Triton reads it when a kernel is
+decorated). With AML_KERNELS_CUDA=1 on a CUDA machine the same sweep runs the compiled
+kernels on CUDA tensors, plus the full-size case (bench/gpu_check.sh does this).
+
+Tolerances, as relative error max|out - ref| / max|ref| over the B x D output:
+- against the reference on the same input: 1e-5 for every dtype (both upcast to float32 first,
+  so only float32 rounding and summation order differ);
+- a float16 / bfloat16 map against the float32 map it was rounded from: 1e-3 / 1e-2.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ON_CUDA = os.environ.get("AML_KERNELS_CUDA") == "1"
+if ON_CUDA and not torch.cuda.is_available():
+    raise RuntimeError("AML_KERNELS_CUDA=1 but torch sees no CUDA device")
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+
+triton_head = pytest.importorskip("kernels.triton_head", reason="triton is not installed")
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+REPO = Path(__file__).resolve().parents[1]
+SAME_INPUT_TOL = 1e-5
+ROUNDING_TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# (B, C, H, W, D, head): odd sizes off every block size; head = which of W, b are given.
+SHAPES = [
+    (1, 37, 5, 7, 19, "W+b"),
+    (3, 70, 9, 4, 33, "W"),
+    (3, 130, 3, 11, None, "none"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_mode():
+    # A run that imported kernels.triton_head before this file set TRITON_INTERPRET would
+    # silently test the wrong thing; fail loudly instead.
+    assert triton_head.INTERPRETED != ON_CUDA, (
+        "kernels.triton_head was imported before tests/test_kernels.py chose the Triton mode; "
+        "run this file on its own"
+    )
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|, computed in float64 on the CPU."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def make_inputs(B, C, H, W, D, head, dtype=torch.float32, channels_last=False, seed=0):
+    """A post-ReLU-like map (some exact zeros, so the eps clamp matters) and a whitening."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(B, C, H, W, generator=g))
+    x = x.to(device=DEVICE, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    Wm = b = None
+    if head != "none":
+        Wm = torch.randn(D, C, generator=g).to(DEVICE) / C**0.5
+    if head == "W+b":
+        b = torch.randn(D, generator=g).to(DEVICE) * 0.1
+    return x, Wm, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("p", [3.0, 2.5], ids=["p3-float", "p2.5-tensor"])
+def test_triton_matches_reference(dtype, channels_last, p):
+    p_arg = p if p == 3.0 else torch.tensor(p, device=DEVICE)
+    for B, C, H, W, D, head in SHAPES:
+        x, Wm, b = make_inputs(B, C, H, W, D, head, dtype, channels_last)
+        out = kernels.gem_whiten(x, p_arg, Wm, b, backend="triton")
+        ref = kernels.gem_whiten(x, p_arg, Wm, b, backend="torch")
+        assert out.dtype == torch.float32 and out.shape == ref.shape == (B, D or C)
+        assert rel_err(out, ref) <= SAME_INPUT_TOL, (B, C, H, W, D, head)
+
+
+@pytest.mark.parametrize("p", [3.0, 2.5], ids=["p3-tensor", "p2.5-float"])
+def test_p_passing_and_arbitrary_strides(p):
+    # The other p form than the sweep, on a sliced map whose strides are neither NCHW nor NHWC.
+    p_arg = torch.tensor([p], device=DEVICE) if p == 3.0 else p
+    x, Wm, b = make_inputs(2, 41, 8, 9, 23, "W+b")
+    x = x[:, 1::2, 1:, ::2]
+    out = kernels.gem_whiten(x, p_arg, Wm[:, :20], b, backend="triton")
+    assert rel_err(out, kernels.gem_whiten(x, p_arg, Wm[:, :20], b, backend="torch")) <= SAME_INPUT_TOL
+
+
+def test_whitening_matrix_any_dtype_and_strides():
+    x, Wm, b = make_inputs(3, 24, 4, 4, 40, "W+b")
+    Wt = Wm.t().contiguous().t().to(torch.bfloat16)  # column-major, bfloat16
+    out = kernels.gem_whiten(x, 3.0, Wt, b, backend="triton")
+    assert rel_err(out, kernels.gem_whiten(x, 3.0, Wt, b, backend="torch")) <= SAME_INPUT_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_map_against_float32(dtype):
+    x, Wm, b = make_inputs(3, 70, 9, 4, 33, "W+b")
+    out = kernels.gem_whiten(x.to(dtype), 3.0, Wm, b, backend="triton")
+    assert rel_err(out, kernels.gem_whiten(x, 3.0, Wm, b, backend="torch")) <= ROUNDING_TOL[dtype]
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="full-size case only on a CUDA device (AML_KERNELS_CUDA=1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_full_size_on_cuda(dtype):
+    for channels_last in (False, True):
+        x, Wm, b = make_inputs(64, 2048, 24, 24, 2048, "W+b", dtype, channels_last)
+        p = torch.tensor(3.0, device=DEVICE)
+        out = kernels.gem_whiten(x, p, Wm, b, backend="triton")
+        assert rel_err(out, kernels.gem_whiten(x, p, Wm, b, backend="torch")) <= SAME_INPUT_TOL
+
+
+def test_auto_on_cpu_is_the_reference():
+    x, Wm, b = make_inputs(2, 9, 3, 3, 5, "W+b")
+    x, Wm, b = x.cpu(), Wm.cpu(), b.cpu()
+    assert torch.equal(kernels.gem_whiten(x, 3.0, Wm, b), kernels.gem_whiten_reference(x, 3.0, Wm, b))
+
+
+def test_gradients_fall_back_to_the_reference():
+    x, Wm, b = make_inputs(2, 9, 3, 3, 5, "W+b")
+    p = torch.nn.Parameter(torch.tensor(3.0, device=DEVICE))
+    Wm, b = torch.nn.Parameter(Wm), torch.nn.Parameter(b)
+    out = kernels.gem_whiten(x.requires_grad_(), p, Wm, b)  # "auto"
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, p, Wm, b))
+    with pytest.raises(ValueError, match="forward only"):
+        kernels.gem_whiten(x, p, Wm, b, backend="triton")
+    with torch.no_grad():  # inference with learnable parameters may use the kernel
+        out = kernels.gem_whiten(x, p, Wm, b, backend="triton")
+        assert rel_err(out, kernels.gem_whiten(x, p, Wm, b, backend="torch")) <= SAME_INPUT_TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"backend": "cuda"}, "unknown head backend 'cuda'"),
+        ({"b": torch.zeros(5)}, "needs a whitening matrix"),
+        ({"W": torch.zeros(5, 8)}, "W must be D x C with C = 9"),
+        ({"W": torch.zeros(5, 9), "b": torch.zeros(4)}, r"b must have shape \(5,\)"),
+        ({"p": torch.ones(2)}, "one-element tensor"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = {"x": torch.rand(2, 9, 3, 3), "p": 3.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        kernels.gem_whiten(**args)
+
+
+def test_reference_against_float64_formula():
+    x, Wm, b = make_inputs(3, 11, 4, 5, 7, "W+b")
+    xs, Ws, bs = x.cpu().double().numpy(), Wm.cpu().double().numpy(), b.cpu().double().numpy()
+    for p in (3.0, 2.5):
+        out = np.empty((3, 7))
+        for i in range(3):
+            f = np.array([np.mean(np.maximum(xs[i, c], 1e-6) ** p) ** (1 / p) for c in range(11)])
+            f = f / (np.sqrt(np.sum(f * f)) + 1e-6)
+            y = Ws @ f + bs
+            out[i] = y / (np.sqrt(np.sum(y * y)) + 1e-6)
+        ref = kernels.gem_whiten_reference(x.cpu(), p, Wm.cpu(), b.cpu())
+        assert rel_err(ref, torch.from_numpy(out)) <= 1e-6
+
+
+def _run_without_interpreter(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_triton_on_cpu_without_interpreter_says_so():
+    proc = _run_without_interpreter(
+        "import torch, kernels; kernels.gem_whiten(torch.rand(1, 2, 2, 2), 3.0, backend='triton')"
+    )
+    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr.splitlines()[-1]
+
+
+def test_kernels_compile_for_hopper():
+    """Without a GPU: Triton still compiles every kernel variant to an sm_90 cubin (bundled ptxas)."""
+    proc = _run_without_interpreter(
+        """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_head as th
+
+def build(fn, sig, consts):
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+i32, f32 = "i32", "fp32"
+# Each dtype once, covering both p forms and both tile shapes gem_pool picks.
+for dtype, from_ptr, (block_c, block_s) in [("fp32", True, (16, 64)), ("fp16", False, (64, 32)), ("bf16", True, (64, 32))]:
+    build(th._gem_kernel, dict(x_ptr="*" + dtype, g_ptr="*fp32", p_ptr="*fp32", p_val=f32, C=i32, H=i32,
+          Wd=i32, stride_b=i32, stride_c=i32, stride_h=i32, stride_w=i32, eps=f32),
+          dict(P_FROM_PTR=from_ptr, BLOCK_C=block_c, BLOCK_S=block_s))
+for has_bias in (True, False):
+    build(th._whiten_kernel, dict(g_ptr="*fp32", w_ptr="*bf16", b_ptr="*fp32", y_ptr="*fp32", B=i32, C=i32, D=i32,
+          stride_wd=i32, stride_wc=i32, l2_eps=f32), dict(HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64))
+build(th._l2n_kernel, dict(y_ptr="*fp32", out_ptr="*fp32", N=i32, l2_eps=f32), dict(BLOCK=1024))
+print("ok")
+"""
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
