@@ -1,0 +1,184 @@
+"""SfM-120k-format training sets (real and flat layouts), the whitening pickle, and users' own data converted."""
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+from engine.datasets import convert, sfm
+from engine.datasets.revisited import load_gnd, query_items
+from engine.errors import EngineError
+
+CIDS = ["a1b2c3d4", "e5f6a7b8", "0c1d2e3f", "9a8b7c6d", "5e4f3a2b"]
+SPLIT = {"cids": CIDS, "cluster": [7, 7, 3, 3, 9], "qidxs": [0, 2], "pidxs": [1, 3]}
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(obj))
+    return path
+
+
+@pytest.fixture
+def sfm_root(tmp_path):
+    """The real SfM-120k layout: sfm120k/dbs/*.pkl and sfm120k/ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>."""
+    root = tmp_path / "sfm120k"
+    for cid in CIDS:
+        p = root / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"jpeg")
+    write(root / "dbs" / "retrieval-SfM-120k.pkl", {"train": SPLIT, "val": {**SPLIT, "qidxs": [1], "pidxs": [0]}})
+    write(root / "dbs" / "retrieval-SfM-120k-whiten.pkl", {"cids": CIDS, "qidxs": [0, 3], "pidxs": [1, 2]})
+    return root
+
+
+def load_quiet(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sfm.DatasetWarning)
+        return sfm.load_training_set(*args, **kwargs)
+
+
+def test_real_layout_found_and_loaded(sfm_root):
+    with pytest.warns(sfm.DatasetWarning, match="1 single-image clusters .*only as negatives"):
+        ts = sfm.load_training_set(sfm_root / "dbs" / "retrieval-SfM-120k.pkl")
+    assert ts.images[0] == sfm_root / "ims" / "d4" / "c3" / "b2" / "a1b2c3d4"
+    assert ts.cluster.dtype == np.int64 and ts.cluster.tolist() == [7, 7, 3, 3, 9]
+    assert ts.qidxs.tolist() == [0, 2] and ts.pidxs.tolist() == [1, 3]
+    val = load_quiet(sfm_root / "dbs" / "retrieval-SfM-120k.pkl", split="val", layout="sfm")
+    assert val.qidxs.tolist() == [1] and val.pidxs.tolist() == [0]
+    wh = sfm.load_whitening_set(sfm_root / "dbs" / "retrieval-SfM-120k-whiten.pkl")
+    assert len(wh.images) == 5 and wh.qidxs.tolist() == [0, 3] and wh.pidxs.tolist() == [1, 2]
+
+
+def test_flat_layout_of_the_views_benchmark(tmp_path):
+    for cid in CIDS:
+        (tmp_path / "jpg").mkdir(exist_ok=True)
+        (tmp_path / "jpg" / f"{cid}.jpg").write_bytes(b"jpeg")
+    db = write(tmp_path / "train" / "db.pkl", {"train": SPLIT})
+    ts = load_quiet(db)
+    assert ts.images == [tmp_path / "jpg" / f"{c}.jpg" for c in CIDS]
+    with pytest.raises(EngineError, match="5 of 5 images are missing in the 'sfm' layout"):
+        load_quiet(db, layout="sfm", images_root=tmp_path / "jpg")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cluster": [7, 7, 3]}, "'cluster' has 3 entries for 5 cids"),
+    ({"qidxs": [0, 2, 4]}, "3 qidxs but 2 pidxs"),
+    ({"pidxs": [1, 5]}, r"train.pidxs\[1\] = 5 is outside the 5 images"),
+    ({"pidxs": [0, 3]}, "pair 0 uses image 0 as its own positive"),
+    ({"pidxs": [2, 3]}, "pair 0 joins clusters 7 and 3"),
+    ({"qidxs": [4, 2]}, "query 4 .* only image of cluster 9"),
+    ({"cluster": [7.0, 7.0, 3.0, 3.0, 9.0]}, "must be a flat list of integers"),
+])
+def test_malformed_split_is_named(sfm_root, change, message):
+    db = write(sfm_root / "dbs" / "bad.pkl", {"train": {**SPLIT, **change}})
+    with pytest.raises(EngineError, match=message) as err:
+        load_quiet(db, check_images=False)
+    assert "bad.pkl" in str(err.value)
+
+
+def test_missing_split_keys_and_images_are_named(sfm_root):
+    db = sfm_root / "dbs" / "retrieval-SfM-120k.pkl"
+    with pytest.raises(EngineError, match="no split 'test'"):
+        load_quiet(db, split="test")
+    write(sfm_root / "dbs" / "nokeys.pkl", {"train": {"cids": CIDS}})
+    with pytest.raises(EngineError, match="must be a dict with 'cids', 'cluster', 'qidxs', 'pidxs'"):
+        load_quiet(sfm_root / "dbs" / "nokeys.pkl")
+    lost = sfm_root / "ims" / "3f" / "2e" / "1d" / "0c1d2e3f"
+    lost.unlink()
+    with pytest.raises(EngineError, match=f"1 of 5 images are missing .*{lost}"):
+        load_quiet(db, layout="sfm")
+    write(sfm_root / "dbs" / "first.pkl", {"train": {**SPLIT, "cids": ["0c1d2e3f", *CIDS[1:]]}})
+    with pytest.raises(EngineError, match="in neither layout"):
+        load_quiet(sfm_root / "dbs" / "first.pkl")
+
+
+def make_images(root, names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"jpeg")
+
+
+def test_convert_training_csv_to_a_loadable_db(tmp_path):
+    names = [f"shop/{i}.jpg" for i in range(6)] + ["bridge/a.jpg", "bridge/b.jpg", "lone.jpg"]
+    make_images(tmp_path, names)
+    instances = ["shop"] * 6 + ["bridge"] * 2 + ["lone"]
+    splits = ["train"] * 6 + ["val", "val", "train"]
+    (tmp_path / "images.csv").write_text("path,instance,split\n" + "".join(
+        f"{n},{i},{s}\n" for n, i, s in zip(names, instances, splits)))
+    summary = convert.convert_training(tmp_path / "images.csv", tmp_path / "out" / "db.pkl")
+    assert summary["train"] == {"images": 7, "clusters": 2, "pairs": 6}
+    assert summary["val"] == {"images": 2, "clusters": 1, "pairs": 2}
+    with pytest.warns(sfm.DatasetWarning, match="single-image"):
+        ts = sfm.load_training_set(tmp_path / "out" / "db.pkl", images_root=tmp_path)
+    assert ts.images[0] == tmp_path / "shop" / "0.jpg" and ts.images[6] == tmp_path / "lone.jpg"
+    assert sorted(ts.qidxs.tolist()) == list(range(6))
+    assert all(ts.cluster[q] == ts.cluster[p] and q != p for q, p in zip(ts.qidxs, ts.pidxs))
+    convert.convert_training(tmp_path / "images.csv", tmp_path / "out" / "db2.pkl")
+    assert (tmp_path / "out" / "db.pkl").read_bytes() == (tmp_path / "out" / "db2.pkl").read_bytes()  # seeded
+
+
+def test_convert_training_jsonl_with_explicit_pairs(tmp_path):
+    make_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    rows = [{"path": "a.jpg", "instance": 1}, {"path": str(tmp_path / "b.jpg"), "instance": 1}, {"path": "c.jpg", "instance": 2}]
+    (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "pairs.csv").write_text("query,positive\nb.jpg,a.jpg\n")
+    convert.convert_training(tmp_path / "images.jsonl", tmp_path / "db.pkl", pairs_file=tmp_path / "pairs.csv")
+    db = pickle.loads((tmp_path / "db.pkl").read_bytes())
+    assert db["train"] == {"cids": ["a.jpg", "b.jpg", "c.jpg"], "cluster": [0, 0, 1], "qidxs": [1], "pidxs": [0]}
+    assert db["val"] == {"cids": [], "cluster": [], "qidxs": [], "pidxs": []}
+    (tmp_path / "pairs.csv").write_text("query,positive\na.jpg,c.jpg\n")
+    with pytest.raises(EngineError, match="pairs.csv: line 2: a pair must join two different images of one instance"):
+        convert.convert_training(tmp_path / "images.jsonl", tmp_path / "db.pkl", pairs_file=tmp_path / "pairs.csv")
+
+
+def test_convert_training_errors_name_file_and_line(tmp_path):
+    make_images(tmp_path, ["a.jpg"])
+    (tmp_path / "images.csv").write_text("path,instance\na.jpg,1\nmissing.jpg,1\n")
+    with pytest.raises(EngineError, match="images.csv: line 3: image not found"):
+        convert.convert_training(tmp_path / "images.csv", tmp_path / "db.pkl")
+    (tmp_path / "images.csv").write_text("path\na.jpg\n")
+    with pytest.raises(EngineError, match="line 2: missing 'instance'"):
+        convert.convert_training(tmp_path / "images.csv", tmp_path / "db.pkl")
+    (tmp_path / "images.txt").write_text("a.jpg 1\n")
+    with pytest.raises(EngineError, match="must end in .csv or .jsonl"):
+        convert.convert_training(tmp_path / "images.txt", tmp_path / "db.pkl")
+
+
+def test_convert_test_to_a_loadable_gnd(tmp_path):
+    gallery = ["g/0.jpg", "g/1.jpg", "g/2.jpg", "g/3.jpg", "q/0.jpg"]
+    make_images(tmp_path, gallery + ["q/1.jpg"])
+    (tmp_path / "gallery.csv").write_text("path\n" + "\n".join(gallery) + "\n")
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"path": "q/0.jpg", "bbx": [1, 2, 30, 40]}) + "\n"
+                                            + json.dumps({"path": "q/1.jpg"}) + "\n")
+    (tmp_path / "labels.csv").write_text("query,image,label\nq/0.jpg,g/2.jpg,positive\nq/0.jpg,g/0.jpg,hard\n"
+                                         "q/0.jpg,g/1.jpg,junk\nq/1.jpg,g/3.jpg,easy\nq/1.jpg,g/3.jpg,easy\n")
+    summary = convert.convert_test(tmp_path / "gallery.csv", tmp_path / "queries.jsonl", tmp_path / "labels.csv",
+                                   tmp_path / "gnd.pkl")
+    assert summary["gallery"] == 5 and summary["queries"] == 2 and summary["queries_without_positives"] == 0
+    cfg = load_gnd(tmp_path / "gnd.pkl")
+    assert cfg["imlist"] == gallery and cfg["qimlist"] == ["q/0.jpg", "q/1.jpg"]
+    assert cfg["gnd"][0] == {"bbx": [1.0, 2.0, 30.0, 40.0], "easy": [2], "hard": [0], "junk": [1, 4]}  # 4: itself
+    assert cfg["gnd"][1] == {"bbx": None, "easy": [3], "hard": [], "junk": []}
+    assert query_items(cfg, tmp_path)[0] == (tmp_path / "q" / "0.jpg", [1.0, 2.0, 30.0, 40.0])
+
+
+def test_convert_test_errors(tmp_path):
+    make_images(tmp_path, ["g.jpg", "q.jpg"])
+    (tmp_path / "gallery.csv").write_text("path\ng.jpg\n")
+    (tmp_path / "queries.csv").write_text("path,x1,y1,x2,y2\nq.jpg,5,5,1,9\n")
+    (tmp_path / "labels.csv").write_text("query,image,label\nq.jpg,g.jpg,easy\n")
+    args = [tmp_path / "gallery.csv", tmp_path / "queries.csv", tmp_path / "labels.csv", tmp_path / "gnd.pkl"]
+    with pytest.raises(EngineError, match="queries.csv: line 2: box must be x1, y1, x2, y2 with x2 > x1"):
+        convert.convert_test(*args)
+    (tmp_path / "queries.csv").write_text("path,x1,y1,x2,y2\nq.jpg,1,1,5,9\n")
+    (tmp_path / "labels.csv").write_text("query,image,label\nq.jpg,g.jpg,easy\nq.jpg,g.jpg,junk\n")
+    with pytest.raises(EngineError, match="line 3: 'g.jpg' is labelled both easy and junk"):
+        convert.convert_test(*args)
+    (tmp_path / "labels.csv").write_text("query,image,label\nq.jpg,other.jpg,easy\n")
+    with pytest.raises(EngineError, match="line 2: 'other.jpg' is not in the gallery list"):
+        convert.convert_test(*args)
+    (tmp_path / "labels.csv").write_text("query,image,label\nq.jpg,g.jpg,maybe\n")
+    with pytest.raises(EngineError, match="label must be one of positive, easy, hard, junk"):
+        convert.convert_test(*args)
