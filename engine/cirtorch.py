@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import EngineError
 
@@ -23,6 +22,8 @@ ARCH_TO_NAME = {v["arch"]: k for k, v in CIRTORCH_TEACHERS.items()}
 
 def _torch_load_cirtorch(path: Path) -> dict:
     """torch.load with numpy's array types allowed (cirtorch pickles Lw as numpy arrays), nothing else."""
+    import torch
+
     safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct]
     safe += [type(np.dtype(t)) for t in ("float32", "float64", "int64")]
     try:
@@ -37,6 +38,8 @@ def load_cirtorch_teacher(path: Path, name: str | None = None, lw: str = "ss"):
 
     lw: "ss" (single-scale whitening), "ms" (multi-scale), or "none".
     """
+    import torch
+
     from .models import ARCHS, Encoder, Head
 
     path = Path(path)

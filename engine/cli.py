@@ -58,11 +58,21 @@ def resolve_encoder(model: Optional[str], student: Optional[str], target: Option
     return enc
 
 
-def resolve_items(images: Optional[Path], gnd: Optional[Path], split: str):
-    """(items, names) from --images DIR|LIST, or from a ground truth's gallery or query list (queries with their bbx)."""
+def resolve_items(images: Optional[Path], gnd: Optional[Path], train_set: Optional[Path], split: str):
+    """(items, names) from --images DIR|LIST, a ground truth's gallery or query list (queries with their bbx),
+    or a training set's images (named by image id)."""
     from .datasets import revisited
     from .images import list_images
 
+    if gnd is not None and train_set is not None:
+        raise EngineError("give --gnd or --train-set, not both")
+    if train_set is not None:
+        from .datasets.sfm import load_training_set
+
+        ts = load_training_set(train_set, "train" if split == "gallery" else split, images)
+        return [(p, None) for p in ts.images], ts.cids
+    if split not in ("gallery", "query"):
+        raise EngineError(f"--split must be gallery or query with --gnd, got {split!r}")
     if gnd is not None:
         cfg = revisited.load_gnd(gnd)
         images_dir = images or revisited.images_dir_for(gnd)
@@ -97,7 +107,8 @@ def encode(
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights file for the backbone ('random' for random init)"),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images or a list file; with --gnd, the jpg/ folder"),
     gnd: Optional[Path] = typer.Option(None, "--gnd", help="Revisited-format ground truth: encode its gallery or queries"),
-    split: str = typer.Option("gallery", "--split", help="With --gnd: gallery or query (queries are cropped to bbx)"),
+    train_set: Optional[Path] = typer.Option(None, "--train-set", help="SfM-120k-format db.pkl: encode its training images (rows named by image id)"),
+    split: str = typer.Option("gallery", "--split", help="With --gnd: gallery or query (queries are cropped to bbx); with --train-set: train or val"),
     max_side: int = typer.Option(362, "--max-side", help="Longest image side in pixels"),
     scales: str = typer.Option("1", "--scales", help="Multi-scale factors, e.g. 1,0.707,0.5"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -111,10 +122,8 @@ def encode(
     """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar)."""
     from .encode import EncodeOptions, default_workers, encode_to_array, encode_to_store, save_vectors
 
-    if split not in ("gallery", "query"):
-        raise EngineError(f"--split must be gallery or query, got {split!r}")
     enc = resolve_encoder(model, student, target, weights)
-    items, names = resolve_items(images, gnd, split)
+    items, names = resolve_items(images, gnd, train_set, split)
     opts = EncodeOptions(max_side=max_side, batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
                          scales=parse_scales(scales), skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}")
     if out_path.suffix == ".npy":
@@ -259,6 +268,88 @@ def data_views(
 
 
 @app.command()
+def train(
+    out_dir: Path = typer.Option(..., "--out", help="Run folder: checkpoints (last, best), config.json, log.jsonl"),
+    teacher_store: Path = typer.Option(..., "--teacher-store", help="Teacher vectors of the training images (engine encode --train-set)"),
+    train_set: Path = typer.Option(..., "--train-set", help="SfM-120k-format db.pkl"),
+    images: Optional[Path] = typer.Option(None, "--images", help="The training images' ims/ or jpg/ folder (default: found beside db.pkl)"),
+    student: str = typer.Option("mobilenetv2", "--student", help="Student architecture"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint instead of an untrained student"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights file ('random' for random init)"),
+    loss: str = typer.Option("regression", "--loss", help="regression, contrastive, contrastive+, triplet, multi-similarity, rkd, darkrank, csd"),
+    mode: str = typer.Option("asym", "--mode", help="asym (refs from the teacher) or sym (all from the student)"),
+    margin: Optional[float] = typer.Option(None, "--margin"),
+    epochs: int = typer.Option(10, "--epochs"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    lr_decay: float = typer.Option(0.01, "--lr-decay", help="lr *= exp(-decay) per epoch"),
+    weight_decay: float = typer.Option(1e-6, "--weight-decay"),
+    batch_size: int = typer.Option(5, "--batch-size", help="Tuples per batch (x4 images for knowledge-transfer losses)"),
+    images_per_epoch: int = typer.Option(20000, "--images-per-epoch"),
+    query_size: int = typer.Option(2000, "--query-size"),
+    pool_size: int = typer.Option(20000, "--pool-size"),
+    neg_num: int = typer.Option(5, "--neg-num"),
+    negatives: str = typer.Option("hard", "--negatives", help="hard (mined) or random"),
+    max_side: int = typer.Option(362, "--max-side"),
+    workers: int = typer.Option(-1, "--workers"),
+    seed: int = typer.Option(0, "--seed"),
+    val_gnd: Optional[Path] = typer.Option(None, "--val-gnd", help="Validation ground truth (revisited format)"),
+    val_store: Optional[Path] = typer.Option(None, "--val-store", help="Teacher store of the validation gallery"),
+):
+    """Train a student into the teacher's space (asym) or its own (sym); resumes an interrupted run in --out."""
+    from training.run import run_training
+    from training.trainer import TrainConfig
+
+    from .encode import default_workers
+
+    cfg = TrainConfig(student=student, weights=weights, loss=loss, mode=mode, margin=margin, epochs=epochs, lr=lr,
+                      lr_decay=lr_decay, weight_decay=weight_decay, batch_size=batch_size, images_per_epoch=images_per_epoch,
+                      query_size=query_size, pool_size=pool_size, neg_num=neg_num, negatives=negatives, max_side=max_side,
+                      workers=default_workers() if workers < 0 else workers, seed=seed)
+    metrics = run_training(cfg, out_dir, teacher_store, train_set, images, val_gnd, val_store, init)
+    console.print(json.dumps(metrics))
+
+
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="roxford5k, rparis6k, sfm120k, r1m, resnet101-gem or vgg16-gem"),
+    root: Path = typer.Option(Path("data"), "--root", help="Where datasets are kept"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="A mirror that keeps the original paths"),
+):
+    """Download (resumable, checksummed) and unpack a dataset or teacher checkpoint into a standard layout."""
+    from .datasets.download import download
+
+    console.print(f"{name}: ready in {download(name, root, base_url)}")
+
+
+@data_app.command("convert-train")
+def data_convert_train(
+    images_file: Path = typer.Argument(..., help="CSV/JSONL of (image, instance[, split]); see engine/datasets/FORMATS.md"),
+    out_path: Path = typer.Option(..., "--out", help="SfM-120k-format db.pkl"),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV/JSONL of explicit (query, positive) pairs"),
+    images_root: Optional[Path] = typer.Option(None, "--images-root"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Convert your own training data (image, instance id) into the SfM-120k format training reads."""
+    from .datasets.convert import convert_training
+
+    print(json.dumps(convert_training(images_file, out_path, pairs, images_root, seed), default=str))
+
+
+@data_app.command("convert-test")
+def data_convert_test(
+    gallery: Path = typer.Argument(..., help="CSV/JSONL of gallery images"),
+    queries: Path = typer.Argument(..., help="CSV/JSONL of queries (image, optional bbx)"),
+    labels: Path = typer.Argument(..., help="CSV/JSONL of (query, gallery image, positive|hard|junk)"),
+    out_path: Path = typer.Option(..., "--out", help="Revisited-format gnd.pkl"),
+    images_root: Optional[Path] = typer.Option(None, "--images-root"),
+):
+    """Convert your own test data into the revisited Oxford/Paris ground-truth format."""
+    from .datasets.convert import convert_test
+
+    print(json.dumps(convert_test(gallery, queries, labels, out_path, images_root), default=str))
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("engine-demo"), "--out", help="Where the benchmark, stores and results go"),
     photos: Optional[Path] = typer.Option(None, "--photos", help="Build the benchmark from this folder of photographs"),
@@ -275,6 +366,11 @@ def demo(
         out.print(metrics_table(results["metrics"], title=f"asymmetric retrieval on {results['benchmark']}"))
         for line in results["notes"]:
             out.print(line)
+
+
+from .report.cli import report as _report  # noqa: E402  (the command carries its own typer options)
+
+app.command("report", help="A static HTML retrieval report: metrics, plots, per-query rankings, two result sets side by side.")(_report)
 
 
 def main() -> None:

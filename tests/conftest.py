@@ -54,3 +54,29 @@ def run_cli(capsys, monkeypatch):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_train(tmp_path_factory):
+    """A training set in SfM-120k format: 4 photographs x 4 crops, one cluster per photograph.
+
+    Returns the folder: images in jpg/, the set at train/db.pkl.
+    """
+    root = tmp_path_factory.mktemp("tiny_train")
+    (root / "jpg").mkdir()
+    (root / "train").mkdir()
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    views = [(0.0, 0.0, 0.8, 0.8), (0.2, 0.2, 0.8, 0.8), (0.1, 0.0, 0.7, 0.9), (0.0, 0.1, 0.9, 0.7)]
+    cids, cluster, qidxs, pidxs = [], [], [], []
+    for c, img in enumerate(photos):
+        for v, box in enumerate(views):
+            cid = f"p{c}v{v}"
+            Image.fromarray(crop(img, *box)).save(root / "jpg" / f"{cid}.jpg", quality=90)
+            cids.append(cid)
+            cluster.append(c)
+        qidxs += [4 * c, 4 * c + 2]
+        pidxs += [4 * c + 1, 4 * c + 3]
+    split = {"cids": cids, "cluster": cluster, "qidxs": qidxs, "pidxs": pidxs}
+    with open(root / "train" / "db.pkl", "wb") as f:
+        pickle.dump({"train": split, "val": split}, f)
+    return root

@@ -31,11 +31,13 @@ class DatasetWarning(UserWarning):
 class TrainingSet:
     """One split of a training set.
 
-    images: N image paths. cluster: (N,) int64 cluster (instance) ids.
+    images: N image paths; cids: their N image ids (the row names of a teacher store over them).
+    cluster: (N,) int64 cluster (instance) ids.
     qidxs, pidxs: (P,) int64 indices into images; pair k is (qidxs[k], pidxs[k]), same cluster, distinct images.
     """
 
     images: list[Path]
+    cids: list[str]
     cluster: np.ndarray
     qidxs: np.ndarray
     pidxs: np.ndarray
@@ -88,7 +90,7 @@ def load_training_set(db_path: str | Path, split: str = "train", images_root: st
     qidxs, pidxs = _pairs(part, n, db_path, split)
     _check_clusters(cluster, qidxs, pidxs, db_path, split)
     images = _locate(db_path, cids, images_root, layout, check_images)
-    return TrainingSet(images, cluster, qidxs, pidxs)
+    return TrainingSet(images, cids, cluster, qidxs, pidxs)
 
 
 def load_whitening_set(path: str | Path, images_root: str | Path | None = None, layout: str = "auto",

@@ -1,0 +1,290 @@
+"""The training loop: a student learns to map images into a teacher's space (asymmetric) or its own (symmetric).
+
+Per epoch: knowledge-transfer losses (regression, RKD, DarkRank, CSD) draw random images;
+tuple losses (contrastive, contrastive+, triplet, multi-similarity) draw (query, positive)
+pairs, mine hard negatives from a pool (student queries against teacher pool vectors in
+asymmetric mode), and build tuples. Adam with the GeM p group at 10x lr and no weight decay,
+exponential lr decay, BatchNorm frozen. Validation each epoch (asymmetric and symmetric mAP),
+best-model selection, checkpoints after each epoch and resume. Under torchrun every process
+takes its share of each batch and DistributedDataParallel averages the gradients.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from engine.errors import EngineError
+from engine.models import Encoder, build_student, load_checkpoint, save_checkpoint
+from engine.store import atomic_write_bytes
+
+from . import losses as L
+from .data import TrainData, batch_loader, forward_images
+from .mining import mine_hard_negatives, nearest_neighbours, random_negatives
+from .validate import ValSet, validate
+
+KT_LOSSES = {"regression", "rkd", "darkrank", "csd"}
+RESUMABLE_CHANGES = {"epochs", "workers"}  # a resumed run may be extended or given other decoding workers
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in every checkpoint."""
+
+    student: str = "mobilenetv2"
+    weights: str | None = None  # backbone weights (None: packaged ImageNet weights)
+    loss: str = "regression"
+    mode: str = "asym"  # asym: refs are teacher vectors; sym: refs come from the student
+    margin: float | None = None  # tuple-loss margin (None: the loss's default)
+    epochs: int = 10
+    lr: float = 1e-4
+    lr_decay: float = 0.01  # lr *= exp(-lr_decay) each epoch
+    weight_decay: float = 1e-6
+    p_lr_mult: float = 10.0
+    batch_size: int = 5  # tuples (tuple losses) or images x 4 (knowledge-transfer losses)
+    images_per_epoch: int = 20000
+    query_size: int = 2000
+    pool_size: int = 20000
+    neg_num: int = 5
+    negatives: str = "hard"  # hard | random
+    csd_k: int = 96
+    max_side: int = 362
+    workers: int = 1
+    seed: int = 0
+    select: str = "auto"  # validation metric for best-model choice: asym | sym | auto (the mode's)
+
+    def check(self) -> None:
+        if self.loss not in L.LOSSES:
+            raise EngineError(f"unknown loss {self.loss!r}: expected one of {', '.join(L.LOSSES)}")
+        if self.mode not in ("asym", "sym"):
+            raise EngineError(f"--mode must be asym or sym, got {self.mode!r}")
+        if self.mode == "sym" and self.loss in KT_LOSSES | {"contrastive+"}:
+            raise EngineError(f"{self.loss} transfers the teacher's knowledge: it has no symmetric form (use --mode asym)")
+        if self.negatives not in ("hard", "random"):
+            raise EngineError(f"--negatives must be hard or random, got {self.negatives!r}")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    """BatchNorm keeps its ImageNet statistics: a few tuples a batch would only add noise to them."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def _optimizer(student: Encoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    p_params = [student.head.p]
+    others = [p for n, p in student.named_parameters() if p.requires_grad and n != "head.p"]
+    return torch.optim.Adam(
+        [{"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+         {"params": p_params, "lr": cfg.lr * cfg.p_lr_mult, "weight_decay": 0.0}]
+    )
+
+
+class Trainer:
+    """Owns the student, the optimiser and the run folder (checkpoints, log.jsonl)."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, out_dir: str | Path, val: ValSet | None = None,
+                 progress: bool | None = None, init: str | Path | None = None):
+        cfg.check()
+        self.cfg, self.data, self.val = cfg, data, val
+        self.out = Path(out_dir)
+        self.rank, self.world = _world()
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        if init is not None:
+            self.student = load_checkpoint(init)
+            if self.student.dim != data.dim:
+                raise EngineError(f"student outputs D = {self.student.dim}, the teacher store has D = {data.dim}", init)
+        else:
+            self.student = build_student(cfg.student, data.dim, data.space, cfg.weights)
+        if self.student.space != data.space:
+            raise EngineError(f"student maps into space {self.student.space!r}, the teacher store is {data.space!r}")
+        self.student.config["train"] = asdict(cfg)
+        self.model = self.student
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.student, find_unused_parameters=False)
+        self.opt = _optimizer(self.student, cfg)
+        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=math.exp(-cfg.lr_decay))
+        self.epoch = 0
+        self.best = -1.0
+        self._resume()
+
+    # ------------------------------------------------------------ checkpoints and resume
+
+    def _state_path(self) -> Path:
+        return self.out / "last.state.pt"
+
+    def _resume(self) -> None:
+        last, state = self.out / "last.safetensors", self._state_path()
+        if not (last.exists() and state.exists()):
+            return
+        saved = json.loads((self.out / "config.json").read_text())
+        now = asdict(self.cfg)
+        diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if diff:
+            raise EngineError(f"holds a run with another configuration ({', '.join(diff)}): choose another --out", self.out)
+        resumed = load_checkpoint(last)
+        self.student.load_state_dict(resumed.state_dict())
+        st = torch.load(state, map_location="cpu", weights_only=True)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.epoch, self.best = int(st["epoch"]), float(st["best"])
+
+    def _save(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        atomic_write_bytes(self.out / "config.json", json.dumps(asdict(self.cfg), indent=1).encode())
+        extra = {"epoch": self.epoch, "metrics": metrics}
+        save_checkpoint(self.student, self.out / "last.safetensors", extra)
+        tmp = self._state_path().with_suffix(".tmp")
+        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
+                    "best": self.best}, tmp)
+        tmp.replace(self._state_path())
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": self.epoch, **metrics}) + "\n")
+
+    # ------------------------------------------------------------ one epoch
+
+    def _epoch_plan(self, rng: np.random.Generator) -> tuple[list[list[int]], dict]:
+        """The epoch's batches as lists of image indices to decode, plus what each batch's loss needs."""
+        cfg, d = self.cfg, self.data
+        if cfg.loss in KT_LOSSES:
+            n = min(cfg.images_per_epoch, len(d.paths))
+            order = rng.permutation(len(d.paths))[:n]
+            size = max(2, cfg.batch_size * 4)  # relational losses need several images at once
+            batches = [order[i:i + size].tolist() for i in range(0, n, size)]
+            return [b for b in batches if len(b) >= 2], {}
+        if len(d.qidxs) == 0:
+            raise EngineError("the training set has no (query, positive) pairs for a tuple loss")
+        pick = rng.permutation(len(d.qidxs))[:cfg.query_size]
+        q, p = d.qidxs[pick], d.pidxs[pick]
+        pool = rng.permutation(len(d.paths))[:cfg.pool_size]
+        if cfg.negatives == "random":
+            neg = pool[random_negatives(d.cluster[q], d.cluster[pool], cfg.neg_num, seed=int(rng.integers(1 << 31)))]
+        else:
+            sq = self._encode(q.tolist(), "mining: student queries")
+            pool_vecs = d.teacher[pool] if cfg.mode == "asym" else self._encode(pool.tolist(), "mining: student pool")
+            neg = pool[mine_hard_negatives(sq, pool_vecs, d.cluster[q], d.cluster[pool], cfg.neg_num)]
+        tuples = np.concatenate([q[:, None], p[:, None], neg], axis=1)  # query, positive, negatives
+        batches = [tuples[i:i + cfg.batch_size] for i in range(0, len(tuples), cfg.batch_size)]
+        return [b.reshape(-1).tolist() for b in batches], {"tuple_len": tuples.shape[1]}
+
+    @torch.no_grad()
+    def _encode(self, idx: list[int], label: str) -> np.ndarray:
+        """Student vectors of training images (for mining), in eval mode."""
+        self.student.eval()
+        out = []
+        chunks = [idx[i:i + 8] for i in range(0, len(idx), 8)]
+        for imgs in batch_loader(self.data.paths, chunks, self.cfg.max_side, self.cfg.workers):
+            out.append(forward_images(self.student, imgs))
+        return torch.cat(out).numpy() if out else np.zeros((0, self.data.dim), np.float32)
+
+    def _batch_loss(self, images: list[torch.Tensor], idx: list[int], plan: dict) -> torch.Tensor:
+        cfg, d = self.cfg, self.data
+        t = torch.from_numpy(d.teacher[idx])
+        if cfg.loss in KT_LOSSES:
+            s = forward_images(self.model, images)
+            if cfg.loss == "csd":
+                return L.csd(s, t, torch.from_numpy(d.teacher[self._teacher_neighbours()[idx]]))
+            return L.LOSSES[cfg.loss](s, t)
+        R = plan["tuple_len"]
+        B = len(idx) // R
+        kwargs = {} if cfg.margin is None else {"margin": cfg.margin}
+        if cfg.mode == "asym":
+            anchors = forward_images(self.model, images)  # only the queries were decoded
+            refs = t.view(B, R, -1)[:, 1:]
+        else:
+            s = forward_images(self.model, images).view(B, R, -1)
+            anchors, refs = s[:, 0], s[:, 1:]
+        if cfg.loss == "contrastive+":
+            return L.contrastive_plus(anchors, refs, t.view(B, R, -1)[:, 0], **kwargs)
+        return L.LOSSES[cfg.loss](anchors, refs, **kwargs)
+
+    def _teacher_neighbours(self) -> np.ndarray:
+        """Each training image's teacher top-K neighbours (CSD's context): fixed, so computed once."""
+        if getattr(self, "_nn", None) is None:
+            n = len(self.data.teacher)
+            self._nn = nearest_neighbours(self.data.teacher, self.data.teacher, min(self.cfg.csd_k, n - 1), exclude=np.arange(n))
+        return self._nn
+
+    def _images_for(self, batch: list[int], plan: dict) -> list[int]:
+        """The images this batch decodes: in asymmetric tuple mode only the queries go through the student."""
+        if self.cfg.loss in KT_LOSSES or self.cfg.mode == "sym":
+            return batch
+        return batch[:: plan["tuple_len"]]
+
+    def _shard(self, batch: list[int], plan: dict) -> list[int]:
+        """This process's share of a batch (whole tuples), so DDP's gradient average covers the full batch."""
+        if self.world == 1:
+            return batch
+        unit = plan.get("tuple_len", 1)
+        units = [batch[i:i + unit] for i in range(0, len(batch), unit)]
+        return [i for u in units[self.rank::self.world] for i in u]
+
+    def train_epoch(self) -> dict:
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed * 100003 + self.epoch)  # same plan in every process
+        batches, plan = self._epoch_plan(rng)
+        mine = [self._shard(b, plan) for b in batches]
+        decode = [self._images_for(b, plan) for b in mine]
+        self.model.train()
+        _freeze_batchnorm(self.student)
+        total, n_img, t0 = 0.0, 0, time.perf_counter()
+        columns = (TextColumn(f"epoch {self.epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeElapsedColumn())
+        with Progress(*columns, disable=not (self.progress and self.rank == 0)) as bar:
+            task = bar.add_task("train", total=len(batches), loss=0.0, rate=0.0)
+            for step, (idx, images) in enumerate(zip(mine, batch_loader(self.data.paths, decode, cfg.max_side, cfg.workers))):
+                loss = self._batch_loss(images, idx, plan)
+                if not torch.isfinite(loss):
+                    raise EngineError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (images {idx[:4]}...); "
+                                      f"the last good checkpoint is {self.out / 'last.safetensors'}")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                total += float(loss.detach())
+                n_img += len(decode[step])
+                bar.update(task, advance=1, loss=total / (step + 1), rate=n_img / (time.perf_counter() - t0))
+        self.sched.step()
+        mean = total / max(1, len(batches))
+        if self.world > 1:
+            t = torch.tensor([mean])
+            dist.all_reduce(t)
+            mean = float(t) / self.world
+        return {"loss": mean, "images_per_s": n_img * self.world / (time.perf_counter() - t0)}
+
+    def fit(self) -> dict:
+        """Train the remaining epochs; returns the last epoch's metrics. Best model in best.safetensors."""
+        metrics: dict = {}
+        key = self.cfg.select if self.cfg.select != "auto" else self.cfg.mode
+        while self.epoch < self.cfg.epochs:
+            metrics = self.train_epoch()
+            self.epoch += 1
+            if self.val is not None and self.rank == 0:
+                metrics.update(validate(self.student, self.val, self.cfg.max_side, self.cfg.workers))
+                score = metrics[f"val_{key}_mAP"]
+                if score > self.best:
+                    self.best = score
+                    save_checkpoint(self.student, self.out / "best.safetensors", {"epoch": self.epoch, "metrics": metrics})
+            self._save(metrics)
+        return metrics
+
