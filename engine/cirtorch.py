@@ -75,6 +75,7 @@ def load_cirtorch_teacher(path: Path, name: str | None = None, lw: str = "ss"):
         m = torch.as_tensor(np.asarray(Lw["m"]), dtype=torch.float32).reshape(-1)
         head.set_whitening(P, -(P @ m))
     config = {"name": name, "arch": arch_name, "role": "teacher", "dim": head.whiten.out_features if head.whiten is not None else arch.channels,
+              "pool_dim": arch.channels,
               "space": "", "lw": lw, "source": path.name}
     enc = Encoder(trunk, head, config)
     enc.mean.copy_(torch.tensor(meta.get("mean", arch.mean)).view(1, 3, 1, 1))

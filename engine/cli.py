@@ -309,6 +309,28 @@ def train(
     console.print(json.dumps(metrics))
 
 
+@app.command()
+def whiten(
+    model: str = typer.Option(..., "--model", help="Teacher name or checkpoint to whiten"),
+    pairs: Path = typer.Option(..., "--pairs", help="Whitening pickle {cids, qidxs, pidxs} or an SfM-format db.pkl"),
+    out_path: Path = typer.Option(..., "--out", help="Checkpoint (.safetensors) of the encoder with its learned whitening"),
+    dim: Optional[int] = typer.Option(None, "--dim", help="Keep the first DIM whitened components"),
+    images: Optional[Path] = typer.Option(None, "--images", help="The pairs' ims/ or jpg/ folder"),
+    max_side: int = typer.Option(362, "--max-side"),
+    workers: int = typer.Option(-1, "--workers"),
+):
+    """Learn whitening (Lw) from matching pairs and save the encoder with it as the head's last layer."""
+    from training.learn_whitening import whiten_encoder
+
+    from .encode import EncodeOptions, default_workers
+    from .models import load_encoder
+
+    enc = load_encoder(model)
+    opts = EncodeOptions(max_side=max_side, workers=default_workers() if workers < 0 else workers, label="whitening pairs")
+    path = whiten_encoder(enc, pairs, out_path, opts, dim, images)
+    console.print(f"wrote {path}: {enc.name} + Lw (D = {enc.dim}, space {enc.space})")
+
+
 @data_app.command("download")
 def data_download(
     name: str = typer.Argument(..., help="roxford5k, rparis6k, sfm120k, r1m, resnet101-gem or vgg16-gem"),
@@ -355,11 +377,13 @@ def demo(
     photos: Optional[Path] = typer.Option(None, "--photos", help="Build the benchmark from this folder of photographs"),
     student: str = typer.Option("mobilenetv2", "--student", help="Student architecture"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
+    train: Optional[str] = typer.Option(None, "--train", help="Also train the student with this loss (e.g. regression) and score it"),
+    epochs: int = typer.Option(5, "--epochs", help="Training epochs with --train"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
     from .demo import run_demo
 
-    results = run_demo(out_dir, photos=photos, student=student, log=console)
+    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs)
     if as_json:
         print(json.dumps(results["metrics"]))
     else:

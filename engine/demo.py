@@ -21,6 +21,7 @@ from .store import Store
 
 TEACHER = "effnet-lite2-gem"
 MAX_SIDE = 362
+TRAIN_LR = 1e-4
 
 
 def _queries(enc, items, names, path: Path, opts: EncodeOptions) -> np.ndarray:
@@ -37,9 +38,39 @@ def _evaluate(store: Store, queries: np.ndarray, space: str, gnd: list, result_p
     return evaluate_revisited(ranks_from_ids(ids), gnd)
 
 
+def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: EncodeOptions, epochs: int):
+    """Train a student on the benchmark's training split (teacher vectors encoded once); returns the best checkpoint."""
+    from training.data import load_train_data
+    from training.trainer import TrainConfig, Trainer
+    from training.validate import load_val_set
+
+    from .datasets.sfm import load_training_set
+
+    db = bench / "train" / "db.pkl"
+    ts = load_training_set(db)
+    opts.label = "teacher: training images"
+    train_store = encode_to_store(teacher, [(p, None) for p in ts.images], ts.cids, out_dir / "teacher_train.store", opts)
+    val_gnd = bench / "val" / "gnd.pkl"
+    val_cfg = revisited.load_gnd(val_gnd)
+    opts.label = "teacher: validation gallery"
+    encode_to_store(teacher, revisited.gallery_items(val_cfg, revisited.images_dir_for(val_gnd)), val_cfg["imlist"],
+                    out_dir / "teacher_val.store", opts)
+    cfg = TrainConfig(student=student, loss=loss, mode="asym", epochs=epochs, lr=TRAIN_LR, batch_size=4,
+                      images_per_epoch=len(ts.images), query_size=len(ts.qidxs), pool_size=len(ts.images),
+                      max_side=opts.max_side, workers=opts.workers)
+    run = out_dir / f"train-{loss}"
+    trainer = Trainer(cfg, load_train_data(db, train_store), run, load_val_set(val_gnd, out_dir / "teacher_val.store"))
+    trainer.fit()
+    return run / "best.safetensors"
+
+
 def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilenetv2", log: Console | None = None,
-             difficulty: str = "medium", seed: int = 0) -> dict:
-    """Run the demo into `out_dir`; returns {"metrics": {setting: eval dict}, "benchmark": str, "notes": [str]}."""
+             difficulty: str = "medium", seed: int = 0, train_loss: str | None = None, epochs: int = 5) -> dict:
+    """Run the demo into `out_dir`; returns {"metrics": {setting: eval dict}, "benchmark": str, "notes": [str]}.
+
+    train_loss: also train the student with this loss on the training split and add the
+    `student_trained_asym` and `student_trained_sym` settings.
+    """
     from .datasets.views import build_views
 
     log = log or Console(stderr=True)
@@ -75,6 +106,17 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
         "student_sym": _evaluate(s_store, q_student, stu.space, cfg["gnd"], results / "student_sym.npz"),
         "student_asym": _evaluate(t_store, q_student, stu.space, cfg["gnd"], results / "student_asym.npz"),
     }
+    if train_loss:
+        from .models import load_checkpoint
+
+        log.print(f"training the student ({train_loss}, {epochs} epochs) on the benchmark's training scenes")
+        trained = load_checkpoint(_train(teacher, student, train_loss, bench, out_dir, opts, epochs))
+        opts.label = "trained student gallery"
+        ts_store = encode_to_store(trained, gallery, cfg["imlist"], out_dir / "trained_student.store", opts)
+        opts.label = "trained student queries"
+        q_trained = _queries(trained, queries, cfg["qimlist"], out_dir / "queries_trained_student.npy", opts)
+        metrics["student_trained_sym"] = _evaluate(ts_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_sym.npz")
+        metrics["student_trained_asym"] = _evaluate(t_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_asym.npz")
     elapsed = time.perf_counter() - t0
     notes = [
         f"gallery {len(gallery)} images, {len(queries)} queries; benchmark in {bench}",

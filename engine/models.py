@@ -271,7 +271,8 @@ def build_teacher(name: str, weights: str | Path | None = None) -> Encoder:
     if name == "effnet-lite2-gem":
         arch = ARCHS["effnet-lite2"]
         trunk = arch.make(_resolve_weights(arch, weights))
-        enc = Encoder(trunk, Head(arch.channels), {"name": name, "arch": arch.name, "role": "teacher", "dim": arch.channels, "space": ""})
+        enc = Encoder(trunk, Head(arch.channels), {"name": name, "arch": arch.name, "role": "teacher", "dim": arch.channels,
+                                                   "pool_dim": arch.channels, "space": ""})
     elif name in ("resnet101-gem", "vgg16-gem"):
         from .cirtorch import CIRTORCH_TEACHERS, load_cirtorch_teacher
 
@@ -302,6 +303,7 @@ def build_student(
         "arch": arch_name,
         "role": "student",
         "dim": int(dim),
+        "pool_dim": int(dim),
         "space": space,
         "teacher": teacher,
         "proj_seed": seed,
@@ -351,8 +353,9 @@ def load_checkpoint(path: str | Path) -> Encoder:
     if arch is None:
         raise EngineError(f"checkpoint names unknown architecture {config.get('arch')!r}", path)
     trunk = arch.make(None)
-    proj = _projection(arch.channels, config["dim"], 0) if config["role"] == "student" else None
-    head = Head(config["dim"], whiten_dim=config.get("whiten_dim"))
+    pool_dim = config.get("pool_dim", config["dim"])  # what GeM pools; dim is the output, after any whitening
+    proj = _projection(arch.channels, pool_dim, 0) if config["role"] == "student" else None
+    head = Head(pool_dim, whiten_dim=config.get("whiten_dim"))
     enc = Encoder(trunk, head, config, proj=proj)
     state = load_file(str(path))
     missing, unexpected = enc.load_state_dict(state, strict=False)

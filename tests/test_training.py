@@ -62,3 +62,12 @@ def test_bad_training_inputs(tiny_train, teacher_store, tmp_path, run_cli):
     assert code != 0 and "unknown loss" in err
     code, _, err = run_cli(*train_args(tiny_train, tmp_path / "missing.store", tmp_path / "r"))
     assert code != 0 and "missing.store" in err
+
+
+def test_whiten_installs_lw_and_changes_the_teacher_space(tiny_train, teacher_store, tmp_path, run_cli):
+    code, _, err = run_cli("whiten", "--model", "effnet-lite2-gem", "--pairs", tiny_train / "train" / "db.pkl",
+                           "--out", tmp_path / "tw.safetensors", "--dim", 32, "--max-side", SIDE, "--workers", 0)
+    assert code == 0, err
+    enc = load_checkpoint(tmp_path / "tw.safetensors")
+    assert enc.dim == 32 and enc.head.whiten.weight.shape == (32, 1280)
+    assert enc.space != json.loads((teacher_store / "manifest.json").read_text())["space"]
