@@ -114,6 +114,9 @@ def encode(
     batch_size: int = typer.Option(8, "--batch-size"),
     workers: int = typer.Option(-1, "--workers", help="Decoding workers (-1: half the cores)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or tensorrt (auto: onnxruntime on CPU, torch on CUDA)"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the encoder (torch backend)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Where exported ONNX/TensorRT files are cached (default ~/.cache/aml-engine)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the manifest and go on"),
     shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows per shard (stores)"),
     dtype: str = typer.Option("float32", "--dtype", help="Store dtype: float32, float16, bfloat16 or int8"),
@@ -125,7 +128,8 @@ def encode(
     enc = resolve_encoder(model, student, target, weights)
     items, names = resolve_items(images, gnd, train_set, split)
     opts = EncodeOptions(max_side=max_side, batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
-                         scales=parse_scales(scales), skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}")
+                         scales=parse_scales(scales), skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}",
+                         backend=backend, compile=compile_, cache_dir=cache_dir)
     if out_path.suffix == ".npy":
         if out_path.exists() and not overwrite:
             raise EngineError("exists: pass --overwrite to replace it", out_path)
@@ -307,6 +311,28 @@ def train(
                       workers=default_workers() if workers < 0 else workers, seed=seed)
     metrics = run_training(cfg, out_dir, teacher_store, train_set, images, val_gnd, val_store, init)
     console.print(json.dumps(metrics))
+
+
+@app.command()
+def export(
+    model: str = typer.Option(..., "--model", help="Teacher name or checkpoint (.safetensors / cirtorch .pth)"),
+    out_path: Path = typer.Option(..., "--out", help="OUT.onnx, or OUT.engine / OUT.plan for TensorRT"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx or tensorrt (default: from --out's suffix)"),
+    opset: int = typer.Option(17, "--opset"),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="TensorRT precision (the head stays fp32)"),
+    min_batch: int = typer.Option(1, "--min-batch"),
+    min_side: int = typer.Option(32, "--min-side"),
+    opt_batch: int = typer.Option(8, "--opt-batch"),
+    opt_side: int = typer.Option(362, "--opt-side"),
+    max_batch: int = typer.Option(32, "--max-batch"),
+    max_side: int = typer.Option(1024, "--max-side"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+):
+    """Export an encoder (head included) to ONNX (dynamic batch and size) or a TensorRT engine (optional extra)."""
+    from .export import export_command
+
+    console.print(export_command(model, out_path, fmt, opset, fp16, (min_batch, min_side), (opt_batch, opt_side),
+                                 (max_batch, max_side), weights))
 
 
 @app.command()

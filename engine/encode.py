@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from .backends import Runner, make_runner
 from .errors import EngineError
 from .images import DEFAULT_MAX_SIDE, load_image
 from .models import Encoder
@@ -38,7 +39,13 @@ Item = tuple[Path, Sequence[float] | None]
 
 @dataclass
 class EncodeOptions:
-    """How images become vectors. scales: multi-scale factors (METHOD.md), 1.0 alone for single scale."""
+    """How images become vectors. scales: multi-scale factors (METHOD.md), 1.0 alone for single scale.
+
+    backend: the runner (engine.backends: "auto", "torch", "onnxruntime", "tensorrt"); compile: torch.compile
+    for the torch backend; cache_dir: where exported ONNX / TensorRT files are cached (None: the default).
+    window: decoded images held back at most, in batches, to gather batches of one image size.
+    The runner does not change the job's identity (`describe`): backends agree within 1e-4.
+    """
 
     max_side: int = DEFAULT_MAX_SIDE
     batch_size: int = 8
@@ -48,7 +55,10 @@ class EncodeOptions:
     device: str = "cpu"
     progress: bool | None = None  # None: only when stderr is a terminal
     label: str = "encoding"
-    extra: dict = field(default_factory=dict)
+    backend: str = "auto"
+    compile: bool = False
+    cache_dir: str | None = None
+    window: int = 4
 
     def describe(self) -> dict:
         return {"max_side": self.max_side, "scales": list(self.scales)}
@@ -77,18 +87,20 @@ def _collate(batch):
 
 
 @torch.no_grad()
-def describe(encoder: Encoder, images: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+def describe(encoder: Encoder, images: torch.Tensor, scales: Sequence[float] = (1.0,), runner: Runner | None = None) -> torch.Tensor:
     """Descriptors of a batch of same-sized images (B x 3 x H x W in [0, 1]) -> B x D float32.
 
     Several scales combine as L2((mean_s f_s^p)^(1/p)), p the GeM exponent (1 when a whitening follows).
+    runner: what runs the network at each scale (engine.backends.make_runner); None: the encoder itself.
     """
+    run = encoder if runner is None else runner
     if len(scales) == 1 and scales[0] == 1.0:
-        return encoder(images)
+        return run(images)
     p = 1.0 if encoder.head.whiten is not None else float(encoder.head.p)
     acc = None
     for s in scales:
         x = images if s == 1.0 else torch.nn.functional.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
-        v = encoder(x).clamp(min=0).pow(p) if p != 1.0 else encoder(x)
+        v = run(x).clamp(min=0).pow(p) if p != 1.0 else run(x)
         acc = v if acc is None else acc + v
     acc = acc / len(scales)
     v = acc.pow(1.0 / p) if p != 1.0 else acc
@@ -109,49 +121,99 @@ def _progress(opts: EncodeOptions, total: int) -> Progress:
     )
 
 
-def encode_items(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+class ShapeBuckets:
+    """Decoded images waiting for a forward pass, grouped by shape (only equal shapes share a batch).
+
+    A bucket leaves as soon as it holds `batch_size` images; while more than `window` images wait,
+    the bucket holding the oldest one leaves part-full, which bounds memory and the output's delay.
+    """
+
+    def __init__(self, batch_size: int, window: int):
+        self.batch_size = max(1, batch_size)
+        self.window = max(self.batch_size, window)
+        self.groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self.count = 0
+
+    def add(self, i: int, img: torch.Tensor) -> None:
+        """Queue item i's image (3 x H x W)."""
+        self.groups.setdefault(tuple(img.shape), []).append((i, img))
+        self.count += 1
+
+    def pop_ready(self, flush: bool = False) -> list[list[tuple[int, torch.Tensor]]]:
+        """Groups of (item index, image) to run now: full batches, then the oldest buckets past the window (all if flush)."""
+        out = []
+        for shape in list(self.groups):
+            group = self.groups[shape]
+            while len(group) >= self.batch_size:
+                out.append(group[: self.batch_size])
+                del group[: self.batch_size]
+            if not group:
+                del self.groups[shape]
+        self.count -= sum(len(g) for g in out)
+        while self.groups and (flush or self.count > self.window):
+            oldest = min(self.groups, key=lambda shape: self.groups[shape][0][0])
+            group = self.groups.pop(oldest)
+            self.count -= len(group)
+            out.append(group)
+        return out
+
+
+def encode_items(
+    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """Yield (index, vector (D,) float32 or None, error or None) for every item, in order.
 
     A failed item raises EngineError unless `opts.skip_bad`, in which case it is yielded with its error.
+    DataLoader workers decode and resize while the runner (`opts.backend`, or `runner` when given) encodes;
+    images of equal size are gathered across up to `opts.window` batches to share forward passes.
     """
     device = torch.device(opts.device)
-    encoder = encoder.to(device).eval()
-    if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last)
+    if runner is None:
+        runner = make_runner(encoder, opts.backend, device, compile=opts.compile, cache_dir=opts.cache_dir)
+    to_gpu = runner.device.type == "cuda"
     loader = DataLoader(
         ItemDataset(items, opts.max_side),
         batch_size=opts.batch_size,
         num_workers=opts.workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=to_gpu,  # pinned pages let the per-image copies below run asynchronously
         persistent_workers=False,
     )
-    done = 0
+    buckets = ShapeBuckets(opts.batch_size, opts.window * opts.batch_size)
+    results: dict[int, tuple] = {}
+    next_i = 0
     with _progress(opts, len(items)) as bar:
         task = bar.add_task(opts.label, total=len(items), rate="")
-        for batch in loader:
-            # Images of one size share a forward pass; others go alone.
-            by_shape: dict[tuple, list] = {}
-            out: dict[int, tuple] = {}
-            for i, img, err in batch:
-                if err is not None:
-                    if not opts.skip_bad:
-                        raise EngineError(err + " (pass --skip-bad to record it and go on)")
-                    out[i] = (None, err)
-                else:
-                    by_shape.setdefault(tuple(img.shape), []).append((i, img))
-            for group in by_shape.values():
-                x = torch.stack([img for _, img in group]).to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                vecs = describe(encoder, x, opts.scales).float().cpu().numpy()
+
+        def run(groups):
+            for group in groups:
+                imgs = [img.to(runner.device, non_blocking=True) for _, img in group] if to_gpu else [img for _, img in group]
+                vecs = describe(encoder, torch.stack(imgs), opts.scales, runner).float().cpu().numpy()
                 for (i, _), v in zip(group, vecs):
-                    out[i] = (v, None)
-            for i, _, _ in batch:
-                yield i, *out[i]
-            done += len(batch)
+                    results[i] = (v, None)
+
+        def drain():
+            # Results come back out of order (buckets); hand them on in order as soon as they are contiguous.
+            nonlocal next_i
+            start = next_i
+            while next_i in results:
+                yield next_i, *results.pop(next_i)
+                next_i += 1
             elapsed = bar.tasks[task].elapsed or 0.0
-            bar.update(task, advance=len(batch), rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "")
+            bar.update(task, advance=next_i - start, rate=f"{next_i / elapsed:.1f} img/s" if elapsed > 0 else "")
+
+        for batch in loader:
+            for i, img, err in batch:
+                if err is None:
+                    buckets.add(i, img)
+                elif opts.skip_bad:
+                    results[i] = (None, err)
+                else:
+                    raise EngineError(err + " (pass --skip-bad to record it and go on)")
+            run(buckets.pop_ready())
+            yield from drain()
+        run(buckets.pop_ready(flush=True))
+        yield from drain()
 
 
 def encode_to_array(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions) -> tuple[np.ndarray, list[int], list[dict]]:

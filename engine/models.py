@@ -198,7 +198,10 @@ class Encoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.config["dim"])
+        """Output dimension: the whitening's when the head has one, else what GeM pools."""
+        if self.head.whiten is not None:
+            return self.head.whiten.out_features
+        return int(self.config.get("pool_dim", self.config["dim"]))
 
     @property
     def space(self) -> str:
@@ -320,6 +323,7 @@ def save_checkpoint(encoder: Encoder, path: str | Path, extra: dict | None = Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = dict(encoder.config)
+    config["dim"] = encoder.dim
     config["whiten_dim"] = encoder.head.whiten.out_features if encoder.head.whiten is not None else None
     config.update(extra or {})
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}

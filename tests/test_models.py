@@ -79,7 +79,8 @@ def test_checkpoint_round_trip_keeps_outputs_and_config(tmp_path, teacher):
     s.head.set_whitening(torch.eye(teacher.dim)[:256] * 2, torch.zeros(256))
     path = save_checkpoint(s, tmp_path / "s.safetensors", extra={"epochs": 3})
     r = load_checkpoint(path)
-    assert r.config["space"] == teacher.space and r.config["epochs"] == 3 and r.dim == teacher.dim
+    assert r.config["space"] == teacher.space and r.config["epochs"] == 3
+    assert r.dim == 256 and r.config["pool_dim"] == teacher.dim  # whitened output, pooled projection
     x = cat_image(96)
     with torch.no_grad():
         torch.testing.assert_close(r(x), s(x))

@@ -34,7 +34,6 @@ def whiten_encoder(encoder: Encoder, pairs_file: str | Path, out: str | Path, op
     m, P = learn_whitening(X, qidxs, pidxs)
     W, b = whitening_layer(m, P, dim)
     encoder.head.set_whitening(W, b)
-    encoder.config["dim"] = int(W.shape[0])
     encoder.config["whitening"] = {"source": pairs_file.name, "pairs": int(len(qidxs)), "dim": int(W.shape[0])}
     if encoder.config.get("role") == "teacher":
         encoder.config["space"] = space_id(encoder)

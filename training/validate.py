@@ -42,7 +42,8 @@ def validate(student: Encoder, val: ValSet, max_side: int, workers: int = 0) -> 
     """{"val_asym_mAP", "val_sym_mAP", "val_asym_hard", "val_sym_hard"}: Medium (and Hard) mAP in percent."""
     was_training = student.training
     student.eval()
-    opts = EncodeOptions(max_side=max_side, workers=workers, progress=False)
+    # eager torch: an exported runner would be rebuilt for every epoch's new weights
+    opts = EncodeOptions(max_side=max_side, workers=workers, progress=False, backend="torch")
     q, _, _ = encode_to_array(student, revisited.query_items(val.gnd, val.images_dir), opts)
     g, _, _ = encode_to_array(student, revisited.gallery_items(val.gnd, val.images_dir), opts)
     asym = evaluate_revisited(rank(q, val.teacher_gallery), val.gnd["gnd"])

@@ -1,0 +1,146 @@
+"""Runners: every backend gives eager torch's descriptors; "auto" resolution; the export cache; the encode pipeline."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from test_export import photos  # one helper for both files: real photographs at a given size
+
+from engine import backends
+from engine.backends import cache_key, cached_onnx, make_runner, prune_cache, resolve_backend
+from engine.encode import EncodeOptions, ShapeBuckets, describe, encode_to_array
+from engine.errors import EngineError
+from engine.models import build_student
+
+
+@pytest.fixture(scope="module")
+def student():
+    return build_student("mobilenetv2", 64, "test-space")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def eager(enc, x):
+    with torch.no_grad():
+        return enc(x).numpy()
+
+
+def test_auto_resolution(monkeypatch):
+    assert resolve_backend("auto", "cpu") == "onnxruntime"  # the measured CPU winner (engine/backends.py)
+    assert resolve_backend("auto", "cuda") == "torch"  # TensorRT is opt-in (fp16, minutes to build)
+    assert resolve_backend("torch", "cpu") == "torch"
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(EngineError, match="onnxruntime package"):
+        resolve_backend("onnxruntime", "cpu")
+    with pytest.raises(EngineError, match="CUDA only"):
+        resolve_backend("tensorrt", "cpu")
+    with pytest.raises(EngineError, match="unknown backend 'jax'"):
+        resolve_backend("jax", "cpu")
+
+
+@pytest.mark.parametrize("backend,channels_last", [("torch", False), ("torch", True), ("onnxruntime", None), ("auto", None)])
+def test_runner_equals_eager_torch(student, cache, backend, channels_last):
+    runner = make_runner(student, backend, "cpu", channels_last=channels_last, cache_dir=cache)
+    for height, width in [(128, 128), (97, 141)]:
+        x = photos(3, height, width)
+        got = runner(x)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.device.type == "cpu"
+        np.testing.assert_allclose(got.numpy(), eager(student, x), atol=1e-4, rtol=0)
+
+
+def test_multiscale_through_a_runner(student, cache):
+    x = photos(2, 128, 160)
+    runner = make_runner(student, "onnxruntime", cache_dir=cache)
+    scales = (1.0, 0.707, 0.5)
+    np.testing.assert_allclose(describe(student, x, scales, runner).numpy(), describe(student, x, scales).numpy(), atol=1e-4)
+
+
+def test_onnx_cache_is_keyed_by_weights_and_reused(student, cache, monkeypatch):
+    path = cached_onnx(student, cache)
+    assert path.exists() and cache_key(student) in path.name
+    monkeypatch.setattr(backends, "export_onnx", lambda *a: pytest.fail("an unchanged encoder must not be exported again"))
+    assert cached_onnx(student, cache) == path
+    other = build_student("mobilenetv2", 64, "test-space", seed=1)  # same name and space, other projection
+    assert cache_key(other) != cache_key(student)
+
+
+def test_prune_cache_keeps_the_newest(tmp_path):
+    for i in range(5):
+        f = tmp_path / f"m{i}.onnx"
+        f.write_bytes(b"x")
+        os.utime(f, (1000 + i, 1000 + i))
+    (tmp_path / "other.engine").write_bytes(b"x")
+    prune_cache(tmp_path, "*.onnx", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m3.onnx", "m4.onnx", "other.engine"]
+
+
+def test_tensorrt_runner_absent_is_a_clear_error(student, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(EngineError, match="TensorRT is not installed"):
+        make_runner(student, "tensorrt", "cuda")
+
+
+def test_tensorrt_runner_matches_torch(student, cache):
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    runner = make_runner(student, "tensorrt", "cuda", cache_dir=cache, fp16=True, max_batch=4, max_side=256)
+    x = photos(3, 97, 141)
+    np.testing.assert_allclose(runner(x).cpu().numpy(), eager(student.cpu(), x), atol=2e-2)  # fp16 trunk
+
+
+def test_shape_buckets_batch_equal_shapes_within_the_window():
+    b = ShapeBuckets(batch_size=2, window=3)
+    a, c = torch.zeros(3, 4, 4), torch.zeros(3, 4, 5)
+    b.add(0, a)
+    b.add(1, c)
+    assert b.pop_ready() == []  # nothing full, 2 waiting <= window
+    b.add(2, a)
+    assert [[i for i, _ in g] for g in b.pop_ready()] == [[0, 2]]  # a full batch of one shape
+    b.add(3, a)
+    b.add(4, torch.zeros(3, 5, 5))
+    b.add(5, torch.zeros(3, 6, 5))
+    # 4 waiting > window 3: the bucket holding the oldest item (1) leaves part-full
+    assert [[i for i, _ in g] for g in b.pop_ready()] == [[1]]
+    assert sorted(i for g in b.pop_ready(flush=True) for i, _ in g) == [3, 4, 5]
+    assert b.count == 0 and not b.groups
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """Seven real JPEG files, four of one size and three of others, plus an undecodable one at index 3."""
+    root = tmp_path_factory.mktemp("jpegs")
+    imgs = [data.astronaut(), data.coffee(), data.chelsea(), None, data.rocket(), data.astronaut()[::-1], data.coffee()[:, ::-1], data.astronaut()[:, ::-1]]
+    paths = []
+    for i, img in enumerate(imgs):
+        p = root / f"{i}.jpg"
+        if img is None:
+            p.write_bytes(b"not a jpeg")
+        else:
+            Image.fromarray(np.ascontiguousarray(img)).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def test_encode_pipeline_backends_agree_and_keep_order(student, cache, jpegs):
+    items = [(p, None) for p in jpegs]
+    base = dict(max_side=128, batch_size=2, workers=1, skip_bad=True, progress=False, cache_dir=str(cache), window=2)
+    v_torch, kept, skipped = encode_to_array(student, items, EncodeOptions(backend="torch", **base))
+    v_ort, kept_ort, _ = encode_to_array(student, items, EncodeOptions(backend="onnxruntime", **base))
+    assert kept == kept_ort == [0, 1, 2, 4, 5, 6, 7]
+    assert [s["item"] for s in skipped] == [3] and "3.jpg" in skipped[0]["error"]
+    np.testing.assert_allclose(v_ort, v_torch, atol=1e-4)
+    # Each vector is its own image's, whatever batch it shared: compare with one-by-one eager encoding.
+    from engine.images import load_image
+
+    for row, i in enumerate(kept):
+        np.testing.assert_allclose(v_torch[row], eager(student, load_image(jpegs[i], 128)[None])[0], atol=1e-4)
+    with pytest.raises(EngineError, match="3.jpg"):
+        encode_to_array(student, items, EncodeOptions(backend="torch", **{**base, "skip_bad": False}))
