@@ -1,10 +1,10 @@
 """aml-engine: asymmetric image retrieval (teacher-encoded galleries, student-encoded queries).
 
-Python API: `open_store(path)` and `search(store, queries, k) -> (scores, ids)`.
+Python API: `open_store(path)`, `search(store, queries, k) -> (scores, ids)` and `search_stores(stores, queries, k)`.
 """
 from .errors import EngineError
-from .search import search
+from .search import search, search_stores
 from .store import open_store
 
 __version__ = "0.1.0"
-__all__ = ["EngineError", "open_store", "search", "__version__"]
+__all__ = ["EngineError", "open_store", "search", "search_stores", "__version__"]

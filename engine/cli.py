@@ -150,15 +150,19 @@ def search(
     queries: Path = typer.Option(..., "--queries", help="Query vectors: Q.npy (with its .json sidecar) or a store"),
     k: int = typer.Option(100, "-k", help="Results per query"),
     out_path: Path = typer.Option(..., "--out", help="RESULT.npz with ids (Q x k int64) and scores (Q x k float32)"),
+    scan: Optional[str] = typer.Option(None, "--scan", help="Copy to scan: float32, float16, bfloat16 or int8 (default: the fastest exact setting)"),
+    rescore: Optional[int] = typer.Option(None, "--rescore", help="Rescore k x R candidates of a compressed scan in float32 (0: none)"),
+    backend: str = typer.Option("engine", "--backend", help="engine (C++ kernel), faiss or torch"),
+    threads: int = typer.Option(0, "--threads", help="Search threads (0: all cores)"),
 ):
-    """Exact top-k by inner product of each query against a store."""
+    """Top-k by inner product of each query against a store (exact by default)."""
     from .encode import load_vectors
     from .search import search as run_search
     from .store import atomic_write_bytes, open_store
 
     store = open_store(store_path)
     q, meta = load_vectors(queries)
-    scores, ids = run_search(store, q, k, space=meta.get("space"))
+    scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads)
     import io
 
     buf = io.BytesIO()
@@ -243,6 +247,18 @@ def store_import(
     space = space or meta.get("space") or f"imported:{sha256_file(vectors)[:16]}"
     store = write_store(out_path, v, space, meta.get("names"), dtype, shard_rows, {"imported_from": str(vectors)}, overwrite)
     console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} (space {space})")
+
+
+@store_app.command("convert")
+def store_convert(
+    store_path: Path = typer.Argument(...),
+    dtype: str = typer.Option(..., "--dtype", help="float16, bfloat16 or int8: a compressed copy kept beside the float32 one"),
+):
+    """Add a compressed copy of every shard; searches then scan it and rescore in float32 (still exact)."""
+    from .store import add_copy, open_store
+
+    store = add_copy(open_store(store_path), dtype)
+    console.print(f"store {store_path}: copies {', '.join(store.dtypes)}")
 
 
 @store_app.command("info")

@@ -124,3 +124,20 @@ def test_corrupt_image_is_named_then_skipped_then_resumed(tmp_path, run_cli):
     assert (tmp_path / "s" / "float32" / "shard-00000.npy").stat().st_mtime_ns == first  # resumed, not redone
     skipped = [s for sh in manifest["shards"] for s in sh["skipped"]]
     assert len(skipped) == 1 and skipped[0]["path"].endswith("im4.jpg")
+
+
+def test_compressed_copy_with_rescoring_gives_the_exact_answer(encoded, run_cli, tmp_path):
+    import shutil
+
+    work, _ = encoded
+    store = tmp_path / "t.store"
+    shutil.copytree(work / "t.store", store)
+    assert run_cli("store", "convert", store, "--dtype", "int8")[0] == 0
+    outs = {}
+    for scan, rescore in (("float32", 0), ("int8", 4)):
+        code, _, err = run_cli("search", store, "--queries", work / "qt.npy", "-k", 5, "--out", tmp_path / f"{scan}.npz",
+                               "--scan", scan, "--rescore", rescore)
+        assert code == 0, err
+        outs[scan] = np.load(tmp_path / f"{scan}.npz")
+    np.testing.assert_array_equal(outs["int8"]["ids"], outs["float32"]["ids"])
+    np.testing.assert_allclose(outs["int8"]["scores"], outs["float32"]["scores"], rtol=1e-6)

@@ -1,0 +1,251 @@
+"""Top-k search throughput: the engine kernel per dtype against faiss and torch, side by side.
+
+Run: `pytest bench/bench_search.py --benchmark-json=search.json` (default grid, a few minutes on 2 cores);
+`AML_BENCH_GRID=full` runs N in {100k, 1M} x D in {128, 512, 2048} x Q in {1, 64, 1024}, skipping galleries
+that would not fit in half the available memory. For each (N, D, Q) every method runs in turn (interleaved),
+k = 100, medians over AML_BENCH_ROUNDS rounds (default 5). extra_info holds queries/s, GB/s (bytes of the
+scanned copy per second), GFLOP/s (2 Q N D per second), recall@100 against the exact float32 top 100, and the
+machine's measured bounds (memory read bandwidth, float32 matmul peak). The session writes a summary table
+into the "Search" section of bench/RESULTS.md. The engine is timed per call of its shard kernel on the whole
+gallery as one shard (what search() does per shard); compressed scans rescore 100 * R candidates (R = 4)
+against float32. The machine may be shared: figures can suffer interference, so rerun before trusting a ratio.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import _search, quantize
+
+K = 100
+RESCORE = 4
+ROUNDS = int(os.environ.get("AML_BENCH_ROUNDS", "5"))
+FULL = os.environ.get("AML_BENCH_GRID", "small") == "full"
+if FULL:
+    GRID = list(itertools.product([100_000, 1_000_000], [128, 512, 2048], [1, 64, 1024]))
+else:
+    GRID = [(100_000, 128, 1), (100_000, 128, 64), (100_000, 128, 1024), (100_000, 512, 1), (100_000, 512, 64)]
+METHODS = [
+    "engine-float32", "engine-float16", "engine-bfloat16", "engine-int8",
+    "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch",
+]
+RESULTS = Path(__file__).with_name("RESULTS.md")
+ROWS: list[dict] = []
+
+
+def available_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable"):
+            return int(line.split()[1]) * 1024
+    return 1 << 34
+
+
+def best_time(fn, rounds=5) -> float:
+    """The fastest of `rounds` calls after a warm-up: a bound is what the machine can do, not its average."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@pytest.fixture(scope="session")
+def bounds():
+    """Measured memory read bandwidth (GB/s, all cores, 1 GiB xor-reduced) and float32 matmul peak (GFLOP/s, torch, all cores)."""
+    import torch
+
+    threads = _search.default_threads()
+    a = np.ones(1 << 27, np.uint64)  # 1 GiB
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as ex:  # numpy reductions release the GIL
+        t = best_time(lambda: list(ex.map(np.bitwise_xor.reduce, parts)))
+    bandwidth = a.nbytes / t / 1e9
+    del a, parts
+    m = torch.randn(2048, 2048)
+    flops = 2 * 2048**3 / best_time(lambda: m @ m) / 1e9
+    return {"mem_read_GBps": round(bandwidth, 1), "fp32_peak_GFLOPs": round(flops, 1)}
+
+
+@pytest.fixture(scope="module")
+def galleries():
+    """(N, D) -> (gallery float32 unit rows, its copies, exact top-100 of the queries); built once, largest last."""
+    cache: dict = {}
+
+    def get(n, d):
+        if (n, d) not in cache:
+            cache.clear()
+            rng = np.random.default_rng(0)
+            g = rng.standard_normal((n, d), dtype=np.float32)
+            g /= np.linalg.norm(g, axis=1, keepdims=True)
+            q = rng.standard_normal((max(q for *_, q in GRID), d), dtype=np.float32)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            copies = {dt: quantize.encode(g, dt) for dt in quantize.DTYPES[1:]}
+            cache[(n, d)] = (g, copies, q, {})
+        return cache[(n, d)]
+
+    return get
+
+
+def exact_ids(g, q, cache):
+    if len(q) not in cache:
+        _, cache[len(q)] = _search.search_shard(q, g, "float32", K)
+    return cache[len(q)]
+
+
+def runner(method, g, copies, q):
+    """A no-argument callable returning ids (Q x K), and the bytes scanned per call."""
+    d = g.shape[1]
+    if method.startswith("engine-"):
+        dt = method.split("-", 1)[1]
+        stored, scale = (g, None) if dt == "float32" else copies[dt]
+        r = 0 if dt == "float32" else RESCORE
+        return (lambda: _search.search_shard(q, stored, dt, K, scale=scale, exact=g, rescore=r)[1]), stored.nbytes
+    if method == "torch":
+        import torch
+
+        tg, tq = torch.from_numpy(g), torch.from_numpy(q)
+        return (lambda: torch.topk(tq @ tg.T, K, dim=1).indices.numpy()), g.nbytes
+    import faiss
+
+    if method == "faiss-flat":
+        index = faiss.IndexFlatIP(d)
+        nbytes = g.nbytes
+    else:
+        qt = faiss.ScalarQuantizer.QT_fp16 if method == "faiss-sq-fp16" else faiss.ScalarQuantizer.QT_8bit
+        index = faiss.IndexScalarQuantizer(d, qt, faiss.METRIC_INNER_PRODUCT)
+        index.train(g[:100_000])
+        nbytes = g.nbytes // (2 if method == "faiss-sq-fp16" else 4)
+    index.add(g)
+    return (lambda: index.search(q, K)[1]), nbytes
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n, d, nq", GRID, ids=[f"N{n}-D{d}-Q{q}" for n, d, q in GRID])
+def test_search(benchmark, bounds, galleries, n, d, nq, method):
+    need = n * d * (4 + 2 + 2 + 1) * (2 if method.startswith("faiss") or method == "torch" else 1)
+    if need > available_bytes() // 2:
+        pytest.skip(f"gallery copies need {need / 2**30:.1f} GiB, more than half the available memory")
+    g, copies, queries, truth = galleries(n, d)
+    q = np.ascontiguousarray(queries[:nq])
+    fn, nbytes = runner(method, g, copies, q)
+    ids = benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    t = benchmark.stats.stats.median
+    ref = exact_ids(g, q, truth)
+    recall = np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids, ref)])
+    info = {
+        "N": n, "D": d, "Q": nq, "method": method, "qps": nq / t, "GBps": nbytes / t / 1e9,
+        "GFLOPs": 2 * nq * n * d / t / 1e9, "recall": float(recall), **bounds,
+    }
+    benchmark.extra_info.update(info)
+    ROWS.append(info)
+
+
+def machine() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = re.search(r"Model name:\s*(.+)", out)
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} logical CPUs"
+
+
+def summary(rows: list[dict]) -> str:
+    """The "Search" section: one line per (N, D, Q) with queries/s per method and the target ratios."""
+    b = rows[0]
+    lines = [
+        "## Search",
+        "",
+        f"{datetime.date.today()}, {machine()}; measured bounds: memory read {b['mem_read_GBps']} GB/s, "
+        f"fp32 matmul {b['fp32_peak_GFLOPs']} GFLOP/s. k = {K}, medians of {ROUNDS} rounds, "
+        f"engine compressed scans rescore {RESCORE}k candidates in float32. "
+        "Command: `pytest bench/bench_search.py` (`AML_BENCH_GRID=full` for the whole grid). Shared machine: expect noise.",
+        "",
+        "Queries/s (recall@100 in brackets when below 1):",
+        "",
+        "| N | D | Q | " + " | ".join(METHODS) + " |",
+        "|---|---|---|" + "---|" * len(METHODS),
+    ]
+    by = {}
+    for r in rows:
+        by.setdefault((r["N"], r["D"], r["Q"]), {})[r["method"]] = r
+    for (n, d, nq), ms in by.items():
+        cells = []
+        for m in METHODS:
+            r = ms.get(m)
+            cells.append("-" if r is None else f"{r['qps']:.4g}" + (f" ({r['recall']:.3f})" if r["recall"] < 0.9995 else ""))
+        lines.append(f"| {n} | {d} | {nq} | " + " | ".join(cells) + " |")
+    lines += ["", "Ratios (engine / baseline queries/s; GB/s of the float16/bfloat16 scan over the read bound):", ""]
+    for (n, d, nq), ms in by.items():
+        if "faiss-flat" not in ms:
+            continue
+        flat = ms["faiss-flat"]["qps"]
+        eng = {m: ms[m] for m in ms if m.startswith("engine-")}
+        best = max(eng.values(), key=lambda r: r["qps"])
+        parts = [f"best engine ({best['method'][7:]}) {best['qps'] / flat:.2f}x faiss-flat"]
+        if "engine-float32" in eng:
+            parts.append(f"float32 {eng['engine-float32']['qps'] / flat:.2f}x")
+        if nq == 1 and "faiss-sq-fp16" in ms:
+            for m in ("engine-float16", "engine-bfloat16"):
+                if m in eng:
+                    r = eng[m]
+                    parts.append(
+                        f"{m[7:]} {r['qps'] / ms['faiss-sq-fp16']['qps']:.2f}x faiss-sq-fp16, "
+                        f"{r['GBps']:.1f} GB/s = {r['GBps'] / r['mem_read_GBps']:.2f} of the bound"
+                    )
+        lines.append(f"- N {n}, D {d}, Q {nq}: " + "; ".join(parts))
+    lines += ["", "The issue's targets, this run:", ""] + [f"- {t}" for t in targets(by)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(by: dict) -> list[str]:
+    """Each target of the issue checked against one (N, D, Q) row: 'met' or 'NOT met' with the measured ratio."""
+    out = []
+
+    def check(name, value, bound):
+        out.append(f"{name}: {value:.2f} (target {bound}) {'met' if value >= bound else 'NOT met'}")
+
+    for (n, d, nq), ms in by.items():
+        qps = {m: r["qps"] for m, r in ms.items()}
+        if "faiss-flat" not in qps:
+            continue
+        where = f"N {n}, D {d}, Q {nq}"
+        flat = qps["faiss-flat"]
+        best = max(v for m, v in qps.items() if m.startswith("engine-"))
+        if nq in (1, 64):
+            check(f"{where}: best engine / faiss-flat", best / flat, 3.0)
+        if nq == 1 and "faiss-sq-fp16" in qps:
+            for m in ("engine-float16", "engine-bfloat16"):
+                if m in ms:
+                    check(f"{where}: {m[7:]} / faiss-sq-fp16", qps[m] / qps["faiss-sq-fp16"], 1.3)
+                    check(f"{where}: {m[7:]} GB/s x 1.3 / read bound", ms[m]["GBps"] * 1.3 / ms[m]["mem_read_GBps"], 1.0)
+        if nq == 1024:
+            if "engine-float32" in qps:
+                check(f"{where}: float32 / faiss-flat", qps["engine-float32"] / flat, 1.0)
+            comp = [m for m in ("engine-bfloat16", "engine-int8") if m in ms and ms[m]["recall"] >= 0.999]
+            if comp:
+                m = max(comp, key=qps.get)
+                check(f"{where}: {m[7:]} + rescoring (recall {ms[m]['recall']:.4f}) / faiss-flat", qps[m] / flat, 1.8)
+    return out
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the "## Search" section of RESULTS.md, leaving the other sections alone."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(r"^## Search\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(new)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def write_results():
+    yield
+    if ROWS:
+        write_section(summary(ROWS))

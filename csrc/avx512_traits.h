@@ -1,0 +1,153 @@
+// AVX-512 (F, BW, VL, DQ) kernel traits: 16 floats per step, masked loads for tails.
+// Included by each AVX-512 tier after it defines AML_TARGET (no include guard).
+
+#define AML_INLINE __attribute__((always_inline)) inline
+#define AML_FN AML_TARGET AML_INLINE static
+
+// Sixteen accumulators -> their sixteen sums in order, by one transposing tree: within each 128-bit lane
+// (x0 + x2) + (x1 + x3), then across lanes (L0 + L2) + (L1 + L3). sum_f() follows the same tree, so a
+// score does not depend on which tile shape computed it (float addition is commutative, not associative).
+AML_FN __m512 lane_sums(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)), _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+}
+AML_FN __m512i lane_sums(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+}
+AML_FN __m512 cross_lanes(__m512 r0, __m512 r1, __m512 r2, __m512 r3) {
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(r0, r1, 0x44), _mm512_shuffle_f32x4(r0, r1, 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+AML_FN __m512i cross_lanes(__m512i r0, __m512i r1, __m512i r2, __m512i r3) {
+  const __m512i y01 = _mm512_add_epi32(_mm512_shuffle_i32x4(r0, r1, 0x44), _mm512_shuffle_i32x4(r0, r1, 0xEE));
+  const __m512i y23 = _mm512_add_epi32(_mm512_shuffle_i32x4(r2, r3, 0x44), _mm512_shuffle_i32x4(r2, r3, 0xEE));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(y01, y23, 0x88), _mm512_shuffle_i32x4(y01, y23, 0xDD));
+}
+template <class V>
+AML_FN V tile_sums(const V (&a)[4][4]) {
+  return cross_lanes(lane_sums(a[0][0], a[0][1], a[0][2], a[0][3]), lane_sums(a[1][0], a[1][1], a[1][2], a[1][3]),
+                     lane_sums(a[2][0], a[2][1], a[2][2], a[2][3]), lane_sums(a[3][0], a[3][1], a[3][2], a[3][3]));
+}
+// A 4 x 4 tile's scores as one vector and the mask of those that may enter their query's heap
+// (score >= thr[m]); the int8 form scales exactly as the scalar emit does: ((sum - bias) * qscale) * rscale.
+AML_FN __m512i query_lanes() { return _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0); }
+AML_FN __m512 per_query(const float* v) {
+  return _mm512_permutexvar_ps(query_lanes(), _mm512_castps128_ps512(_mm_loadu_ps(v)));
+}
+AML_FN __mmask16 keep(__m512 s, const float* thr, float* out) {
+  _mm512_storeu_ps(out, s);
+  return _mm512_cmp_ps_mask(s, per_query(thr), _CMP_GE_OQ);
+}
+AML_FN __mmask16 tile_scores_f(const float* sums, const float* thr, float* out) { return keep(_mm512_loadu_ps(sums), thr, out); }
+AML_FN __mmask16 tile_scores_i(const int32_t* sums, const float* thr, const int32_t* bias, const float* qscale,
+                               const float* rscale, float* out) {
+  const __m512i b = _mm512_permutexvar_epi32(query_lanes(), _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bias))));
+  __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(sums), b));
+  v = _mm512_mul_ps(_mm512_mul_ps(v, per_query(qscale)), _mm512_broadcast_f32x4(_mm_loadu_ps(rscale)));
+  return keep(v, thr, out);
+}
+AML_FN float sum_f(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+  return _mm512_cvtss_f32(v);
+}
+
+struct KF32 {
+  static constexpr Dtype kKind = Dtype::float32;
+  static constexpr int W = 16;
+  static constexpr int32_t kXorBias = 0;
+  static constexpr int kRows = 4;
+  static constexpr bool kSumTile = true;
+  static constexpr bool kWidens = false;
+  using G = float; using Qt = float; using V = __m512; using QV = __m512; using GV = __m512; using Acc = float;
+  AML_FN __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+  AML_FN V zero() { return _mm512_setzero_ps(); }
+  AML_FN QV lq(const Qt* p) { return _mm512_loadu_ps(p); }
+  AML_FN GV lg(const G* p) { return _mm512_loadu_ps(p); }
+  AML_FN GV lg_tail(const G* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  AML_FN void st(float* p, GV v) { _mm512_storeu_ps(p, v); }
+  AML_FN V madd(V a, QV q, GV g) { return _mm512_fmadd_ps(q, g, a); }
+  AML_FN Acc sum(V a) { return sum_f(a); }
+  AML_FN void sum_tile(const V (&a)[4][4], Acc* out) { _mm512_storeu_ps(out, tile_sums(a)); }
+  AML_FN __mmask16 tile_scores(const Acc* s, const float* thr, const int32_t*, const float*, const float*, float* out) {
+    return tile_scores_f(s, thr, out);
+  }
+  static Qt qconv(float v) { return v; }
+};
+
+struct KF16 : KF32 {
+  static constexpr Dtype kKind = Dtype::float16;
+  static constexpr bool kWidens = true;
+  using G = uint16_t;
+  AML_FN GV lg(const G* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  AML_FN GV lg_tail(const G* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
+};
+
+// bfloat16 -> float32 is a 16-bit shift; the product with a bf16-rounded query is exact in float32.
+struct KBF16Shift : KF32 {
+  static constexpr Dtype kKind = Dtype::bfloat16;
+  static constexpr bool kWidens = true;
+  using G = uint16_t;
+  AML_FN GV widen(__m256i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)); }
+  AML_FN GV lg(const G* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  AML_FN GV lg_tail(const G* p, int n) { return widen(_mm256_maskz_loadu_epi16(mask(n), p)); }
+};
+
+// int8 without VNNI: widen to int16 and multiply-add pairs (vpmaddwd), exact in int32.
+struct KI8Madd {
+  static constexpr Dtype kKind = Dtype::int8;
+  static constexpr int W = 32;
+  static constexpr int32_t kXorBias = 0;
+  static constexpr int kRows = 4;
+  static constexpr bool kSumTile = true;
+  static constexpr bool kWidens = false;
+  using G = int8_t; using Qt = int16_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
+  AML_FN V zero() { return _mm512_setzero_si512(); }
+  AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
+  AML_FN GV lg(const G* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  AML_FN GV lg_tail(const G* p, int n) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << n) - 1), p));
+  }
+  AML_FN V madd(V a, QV q, GV g) { return _mm512_add_epi32(a, _mm512_madd_epi16(g, q)); }
+  AML_FN Acc sum(V a) { return _mm512_reduce_add_epi32(a); }
+  AML_FN void sum_tile(const V (&a)[4][4], Acc* out) { _mm512_storeu_si512(out, tile_sums(a)); }
+  AML_FN __mmask16 tile_scores(const Acc* s, const float* thr, const int32_t* bias, const float* qs, const float* rs,
+                                float* out) {
+    return tile_scores_i(s, thr, bias, qs, rs, out);
+  }
+  static Qt qconv(float v) { return static_cast<Qt>(v); }
+};
+
+#ifdef AML_VNNI
+// vpdpbusd multiplies unsigned by signed bytes: the gallery byte is biased by +128 (xor 0x80),
+// which adds exactly 128 * sum(query) to the int32 dot; prepare() records that bias per query.
+struct KI8Vnni {
+  static constexpr Dtype kKind = Dtype::int8;
+  static constexpr int W = 64;
+  static constexpr int32_t kXorBias = 128;
+  static constexpr int kRows = 4;
+  static constexpr bool kSumTile = true;
+  static constexpr bool kWidens = false;
+  using G = int8_t; using Qt = int8_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
+  AML_FN V zero() { return _mm512_setzero_si512(); }
+  AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
+  AML_FN GV bias(__m512i g) { return _mm512_xor_si512(g, _mm512_set1_epi8(static_cast<char>(0x80))); }
+  AML_FN GV lg(const G* p) { return bias(_mm512_loadu_si512(p)); }
+  AML_FN GV lg_tail(const G* p, int n) { return bias(_mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, p)); }
+  AML_FN V madd(V a, QV q, GV g) { return _mm512_dpbusd_epi32(a, g, q); }
+  AML_FN Acc sum(V a) { return _mm512_reduce_add_epi32(a); }
+  AML_FN void sum_tile(const V (&a)[4][4], Acc* out) { _mm512_storeu_si512(out, tile_sums(a)); }
+  AML_FN __mmask16 tile_scores(const Acc* s, const float* thr, const int32_t* bias, const float* qs, const float* rs,
+                                float* out) {
+    return tile_scores_i(s, thr, bias, qs, rs, out);
+  }
+  static Qt qconv(float v) { return static_cast<Qt>(v); }
+};
+#endif

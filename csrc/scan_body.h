@@ -1,0 +1,274 @@
+// The blocked scan, written once and compiled once per instruction-set tier.
+// Included inside `namespace aml::<tier>` after that tier defines AML_TARGET,
+// AML_INLINE and the kernel traits KF32, KF16, KBF16, KI8. A trait K supplies:
+//   G (stored element), Qt (prepared query element), V (accumulator vector),
+//   QV / GV (loaded query / gallery vectors), Acc (float, or int32 for int8),
+//   W (elements per step), kKind, kXorBias (VNNI's unsigned-operand bias),
+//   zero(), lq(p), lg(p), lg_tail(p, n) (n < W valid elements), madd(acc, q, g),
+//   sum(acc) -> Acc, qconv(float) -> Qt, kRows (gallery rows per register tile) and kSumTile: whether
+//   sum_tile(acc, out) reduces a whole 4 x 4 tile at once (it must round exactly as sum() does) and
+//   tile_scores() gives its scores and the mask of those that may enter their heaps, kWidens:
+//   whether tiles may be widened to float32 once for many queries (then st(float*, GV) stores a loaded row).
+// No include guard: each tier includes it once into its own namespace.
+
+constexpr int64_t kQueryPad = 64;       // queries are zero-padded to a multiple of every W
+constexpr int64_t kTileBytes = 96 << 10;  // gallery rows scored together, kept in L2
+constexpr int64_t kQueryBlock = 256;    // queries sharing one pass over a tile
+
+template <class Qt>
+struct Prepared {
+  int64_t dp = 0;
+  std::vector<Qt> q;            // nq x dp, through the scanned dtype's codec
+  std::vector<float> scale;     // int8: per-query scale
+  std::vector<int32_t> bias;    // int8: the exact integer offset the kernel adds
+};
+
+// Rows handed to the register tiles: shard row r starts at base + (r - first) * stride.
+template <class G>
+struct Rows {
+  const G* base;
+  int64_t first, stride;
+  const float* scale;  // int8: per-row scales, indexed by shard row
+  const G* row(int64_t r) const { return base + (r - first) * stride; }
+};
+
+// Queries through the codec of the scanned copy, so every tier computes the same products.
+template <class K>
+Prepared<typename K::Qt> prepare(const ScanJob& j) {
+  Prepared<typename K::Qt> p;
+  p.dp = (j.d + kQueryPad - 1) / kQueryPad * kQueryPad;
+  p.q.assign(static_cast<size_t>(j.nq * p.dp), typename K::Qt(0));
+  p.scale.assign(j.nq, 1.f);
+  p.bias.assign(j.nq, 0);
+  for (int64_t i = 0; i < j.nq; ++i) {
+    const float* x = j.queries + i * j.d;
+    typename K::Qt* o = p.q.data() + i * p.dp;
+    if constexpr (K::kKind == Dtype::int8) {
+      float amax = 0.f;
+      for (int64_t c = 0; c < j.d; ++c) amax = std::max(amax, std::fabs(x[c]));
+      const float s = amax > 0.f ? amax / 127.0f : 1.0f;
+      int32_t total = 0;
+      for (int64_t c = 0; c < j.d; ++c) {
+        const int v = static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint(x[c] / s))));
+        o[c] = K::qconv(static_cast<float>(v));
+        total += v;
+      }
+      p.scale[i] = s;
+      p.bias[i] = K::kXorBias * total;
+    } else if constexpr (K::kKind == Dtype::bfloat16) {
+      for (int64_t c = 0; c < j.d; ++c) o[c] = K::qconv(bf16_bits_to_float(float_to_bf16_bits(x[c])));
+    } else {
+      for (int64_t c = 0; c < j.d; ++c) o[c] = K::qconv(x[c]);
+    }
+  }
+  return p;
+}
+
+// M queries x N rows, dot products along d held in registers; raw sums to out[m * N + n].
+template <class K, int M, int N>
+AML_TARGET AML_INLINE void tile(const typename K::Qt* const* q, const typename K::G* const* g, int64_t d,
+                                typename K::Acc* out) {
+  typename K::V acc[M][N];
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) acc[m][n] = K::zero();
+  int64_t c = 0;
+  for (; c + K::W <= d; c += K::W) {
+    typename K::GV gv[N];
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) gv[n] = K::lg(g[n] + c);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const typename K::QV qv = K::lq(q[m] + c);
+#pragma GCC unroll 16
+      for (int n = 0; n < N; ++n) acc[m][n] = K::madd(acc[m][n], qv, gv[n]);
+    }
+  }
+  if (c < d) {
+    const int rem = static_cast<int>(d - c);
+    typename K::GV gv[N];
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) gv[n] = K::lg_tail(g[n] + c, rem);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const typename K::QV qv = K::lq(q[m] + c);
+#pragma GCC unroll 16
+      for (int n = 0; n < N; ++n) acc[m][n] = K::madd(acc[m][n], qv, gv[n]);
+    }
+  }
+  if constexpr (M == 4 && N == 4 && K::kSumTile) {
+    K::sum_tile(acc, out);  // one transposing reduction for 16 sums, ~3x fewer instructions
+  } else {
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
+      for (int n = 0; n < N; ++n) out[m * N + n] = K::sum(acc[m][n]);
+  }
+}
+
+// Raw sums -> scores, each compared at once with its query's current worst kept score.
+template <class K, int M, int N>
+AML_TARGET AML_INLINE void emit(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t qa, int64_t r,
+                 const typename K::Acc* out, TopK* heaps) {
+  if constexpr (M == 4 && N == 4 && K::kSumTile) {  // one vector compare rejects the whole tile
+    float thr[4], s[16];
+    for (int m = 0; m < 4; ++m) thr[m] = heaps[qa + m].threshold();
+    unsigned mask = K::tile_scores(out, thr, p.bias.data() + qa, p.scale.data() + qa,
+                                    rows.scale ? rows.scale + r : nullptr, s);
+    for (; mask; mask &= mask - 1) {
+      const int b = __builtin_ctz(mask);
+      heaps[qa + b / 4].push(s[b], r + b % 4);
+    }
+    return;
+  }
+  for (int m = 0; m < M; ++m) {
+    TopK& h = heaps[qa + m];
+    for (int n = 0; n < N; ++n) {
+      float s;
+      if constexpr (K::kKind == Dtype::int8)
+        s = static_cast<float>(out[m * N + n] - p.bias[qa + m]) * p.scale[qa + m] * rows.scale[r + n];
+      else
+        s = out[m * N + n];
+      if (h.may_enter(s)) h.push(s, r + n);
+    }
+  }
+}
+
+// M queries from qa against rows [r0, r1), kRows rows per register tile.
+template <class K, int M>
+AML_TARGET void scan_group(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t d, int64_t qa,
+                           int64_t r0, int64_t r1, TopK* heaps) {
+  using G = typename K::G;
+  const typename K::Qt* qs[M];
+  for (int m = 0; m < M; ++m) qs[m] = p.q.data() + (qa + m) * p.dp;
+  constexpr int R = K::kRows;
+  typename K::Acc out[M * R];
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    const G* gs[R];
+    for (int n = 0; n < R; ++n) gs[n] = rows.row(r + n);
+    tile<K, M, R>(qs, gs, d, out);
+    emit<K, M, R>(p, rows, qa, r, out, heaps);
+  }
+  for (; r < r1; ++r) {
+    const G* gs[1] = {rows.row(r)};
+    tile<K, M, 1>(qs, gs, d, out);
+    emit<K, M, 1>(p, rows, qa, r, out, heaps);
+  }
+}
+
+template <class K>
+void scan_groups(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t d, int64_t q0, int64_t q1,
+                 int64_t t0, int64_t t1, TopK* heaps) {
+  int64_t qa = q0;
+  for (; qa + 4 <= q1; qa += 4) scan_group<K, 4>(p, rows, d, qa, t0, t1, heaps);
+  switch (q1 - qa) {
+    case 3: scan_group<K, 3>(p, rows, d, qa, t0, t1, heaps); break;
+    case 2: scan_group<K, 2>(p, rows, d, qa, t0, t1, heaps); break;
+    case 1: scan_group<K, 1>(p, rows, d, qa, t0, t1, heaps); break;
+    default: break;
+  }
+}
+
+// float16 / bfloat16 rows widened to float32 once per tile, zero-padded to dp (exact zeros add nothing), so
+// many queries pay the conversion once instead of once per group of four.
+template <class K>
+AML_TARGET void widen_tile(const typename K::G* src, int64_t rows, int64_t d, int64_t dp, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename K::G* s = src + r * d;
+    float* o = dst + r * dp;
+    int64_t c = 0;
+    for (; c + K::W <= d; c += K::W) K::st(o + c, K::lg(s + c));
+    if (c < d) {
+      K::st(o + c, K::lg_tail(s + c, static_cast<int>(d - c)));
+      c += K::W;
+    }
+    for (; c < dp; c += K::W) K::st(o + c, K::zero());
+  }
+}
+
+// Widened float32 scans pay off from this many queries in a block; fewer convert in registers.
+constexpr int64_t kWidenQueries = 16;
+
+// Queries [q0, q1) against rows [r0, r1), tile by tile so each tile is reused from cache by every query.
+template <class K>
+void scan_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1, int64_t r0, int64_t r1,
+                TopK* heaps) {
+  using G = typename K::G;
+  const G* gal = static_cast<const G*>(j.gallery);
+  const int64_t row_bytes = std::max<int64_t>(1, j.d * static_cast<int64_t>(sizeof(G)));
+  const int64_t tile_rows = std::max<int64_t>(4, kTileBytes / row_bytes / 4 * 4);
+  constexpr bool widens = K::kWidens;
+  std::vector<float> wide;
+  if (widens && q1 - q0 >= kWidenQueries) wide.resize(static_cast<size_t>(tile_rows * p.dp));
+  for (int64_t t0 = r0; t0 < r1; t0 += tile_rows) {
+    const int64_t t1 = std::min(r1, t0 + tile_rows);
+    if constexpr (widens) {
+      if (!wide.empty()) {
+        widen_tile<K>(gal + t0 * j.d, t1 - t0, j.d, p.dp, wide.data());
+        scan_groups<KF32>(p, Rows<float>{wide.data(), t0, p.dp, j.scale}, p.dp, q0, q1, t0, t1, heaps);
+        continue;
+      }
+    }
+    scan_groups<K>(p, Rows<G>{gal, 0, j.d, j.scale}, j.d, q0, q1, t0, t1, heaps);
+  }
+}
+
+AML_TARGET inline float exact_dot(const float* q, const float* row, int64_t d) {
+  const float* qs[1] = {q};
+  const float* gs[1] = {row};
+  float out;
+  tile<KF32, 1, 1>(qs, gs, d, &out);
+  return out;
+}
+
+// Recompute each candidate's score in float32 against the exact copy and keep the k best.
+inline void rescore(const ScanJob& j, std::vector<TopK>& cand) {
+  const Prepared<float> p = prepare<KF32>(j);
+  std::vector<TopK> best(j.nq, TopK(static_cast<size_t>(j.k)));
+  std::atomic<int64_t> next{0};
+  Pool::get().run(static_cast<int>(std::min<int64_t>(j.threads, j.nq)), [&](int) {
+    for (int64_t i; (i = next++) < j.nq;) {
+      const float* q = p.q.data() + i * p.dp;
+      for (const auto& e : cand[i].sorted()) best[i].push(exact_dot(q, j.exact + e.second * j.d, j.d), e.second);
+    }
+  });
+  cand = std::move(best);
+}
+
+// Tasks are (query block, row chunk) pairs: many queries split into blocks, few queries split
+// the rows; each worker keeps its own heaps, merged at the end.
+template <class K>
+void run(const ScanJob& j, std::vector<TopK>& out) {
+  const Prepared<typename K::Qt> p = prepare<K>(j);
+  const int64_t T = j.threads;
+  const int64_t qb = std::min<int64_t>(j.nq, kQueryBlock);
+  const int64_t nqb = (j.nq + qb - 1) / qb;
+  const int64_t nrc = nqb >= 2 * T ? 1 : std::max<int64_t>(1, std::min<int64_t>(8 * T, j.n / 2048));
+  const int64_t rc = ((j.n + nrc - 1) / nrc + 3) / 4 * 4;
+  const int64_t ntasks = nqb * nrc;
+  const int workers = static_cast<int>(std::min<int64_t>(T, ntasks));
+  std::vector<std::vector<TopK>> heaps(workers, std::vector<TopK>(j.nq, TopK(static_cast<size_t>(j.cap))));
+  std::atomic<int64_t> next{0};
+  Pool::get().run(workers, [&](int w) {
+    for (int64_t t; (t = next++) < ntasks;) {
+      const int64_t b = t / nrc, c = t % nrc;
+      const int64_t r0 = std::min(j.n, c * rc), r1 = std::min(j.n, r0 + rc);
+      scan_block<K>(j, p, b * qb, std::min(j.nq, (b + 1) * qb), r0, r1, heaps[w].data());
+    }
+  });
+  out = std::move(heaps[0]);
+  for (int w = 1; w < workers; ++w)
+    for (int64_t i = 0; i < j.nq; ++i) out[i].absorb(heaps[w][i]);
+  if (j.exact) rescore(j, out);
+}
+
+void scan(const ScanJob& j, std::vector<TopK>& out) {
+  switch (j.dtype) {
+    case Dtype::float32: run<KF32>(j, out); break;
+    case Dtype::float16: run<KF16>(j, out); break;
+    case Dtype::bfloat16: run<KBF16>(j, out); break;
+    case Dtype::int8: run<KI8>(j, out); break;
+  }
+}

@@ -1,0 +1,122 @@
+"""The C++ shard kernel (engine._search) against a float64 numpy reference, on every ISA tier this CPU runs."""
+import numpy as np
+import pytest
+
+from engine import _search, quantize
+
+ISAS = _search.isa_levels()
+RESCORE = {"float32": 0, "float16": 8, "bfloat16": 8, "int8": 8}
+
+
+def reference(q, g, k):
+    """float64 scores (Q x N) and the top-k ids, ties by lower id."""
+    s = q.astype(np.float64) @ g.astype(np.float64).T
+    return s, np.lexsort((np.broadcast_to(np.arange(g.shape[0]), s.shape), -s), axis=1)[:, :k]
+
+
+def assert_exact(scores, ids, q, g, k, tol=1e-4):
+    """Scores agree with float64 within tol, and ids are identical wherever the reference is not tied within tol."""
+    ref, rid = reference(q, g, k)
+    kk = min(k, g.shape[0])
+    assert scores.shape == ids.shape == (len(q), kk)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), atol=tol)
+    top = np.take_along_axis(ref, rid, 1)
+    np.testing.assert_allclose(scores, top, atol=tol)
+    srt = -np.sort(-ref, axis=1)
+    for i in range(len(q)):
+        for j in range(kk):
+            near = np.abs(srt[i] - top[i, j]) <= tol
+            if near.sum() == 1:  # untied: the id must be the reference's
+                assert ids[i, j] == rid[i, j], (i, j)
+
+
+def data(n, d, nq, seed=0):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((n, d)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    return rng.standard_normal((nq, d)).astype(np.float32), g
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", quantize.DTYPES)
+@pytest.mark.parametrize("d", [1, 3, 17, 129])
+def test_exact_with_rescoring(isa, dtype, d):
+    q, g = data(300, d, 5, seed=d)
+    stored, scale = quantize.encode(g, dtype)
+    s, i = _search.search_shard(q, stored, dtype, 10, scale=scale, exact=g, rescore=RESCORE[dtype], isa=isa)
+    assert_exact(s, i, q, g, 10)
+
+
+@pytest.mark.parametrize("nq", [1, 5, 70])
+@pytest.mark.parametrize("dtype", quantize.DTYPES)
+def test_query_counts_and_threads(nq, dtype):
+    q, g = data(2100, 65, nq, seed=nq)
+    stored, scale = quantize.encode(g, dtype)
+    runs = [
+        _search.search_shard(q, stored, dtype, 7, scale=scale, exact=g, rescore=RESCORE[dtype], threads=t)
+        for t in (1, 2, 3)
+    ]
+    assert_exact(*runs[0], q, g, 7)
+    for s, i in runs[1:]:  # the partition across threads never changes a result, not even a bit
+        np.testing.assert_array_equal(s, runs[0][0])
+        np.testing.assert_array_equal(i, runs[0][1])
+
+
+def test_k_larger_than_n_and_offset():
+    q, g = data(13, 9, 4)
+    s, i = _search.search_shard(q, g, "float32", 50, id_offset=1000)
+    assert s.shape == (4, 13)
+    assert_exact(s, i - 1000, q, g, 13)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_unrescored_scan_identical_across_isas(dtype):
+    """int8 sums are exact integers on every tier; bfloat16 products are exact (the query is rounded to bf16)."""
+    q, g = data(500, 77, 6)
+    stored, scale = quantize.encode(g, dtype)
+    base = _search.search_shard(q, stored, dtype, 20, scale=scale, isa="scalar")
+    for isa in ISAS[1:]:
+        s, i = _search.search_shard(q, stored, dtype, 20, scale=scale, isa=isa)
+        if dtype == "int8":
+            np.testing.assert_array_equal(s, base[0])
+        np.testing.assert_allclose(s, base[0], atol=1e-5)
+        assert (i == base[1]).mean() > 0.98
+
+
+def test_ties_go_to_the_lower_id():
+    g = np.tile(np.eye(4, 8, dtype=np.float32), (50, 1))  # every row repeated 50 times
+    q = np.ones((3, 8), np.float32)
+    for isa in ISAS:
+        s, i = _search.search_shard(q, g, "float32", 10, threads=2, isa=isa)
+        np.testing.assert_array_equal(i, np.tile(np.arange(10), (3, 1)))
+        assert (s == 1).all()
+
+
+def test_unrescored_recall_bounds():
+    """Stated bounds for the compressed scans alone (unit vectors, D = 128, N = 4000): bf16 recall@10 >= 0.98, int8 >= 0.95."""
+    q, g = data(4000, 128, 20)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, rid = reference(q, g, 10)
+    for dtype, bound in (("bfloat16", 0.98), ("int8", 0.95)):
+        stored, scale = quantize.encode(g, dtype)
+        _, i = _search.search_shard(q, stored, dtype, 10, scale=scale)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i, rid)])
+        assert recall >= bound, (dtype, recall)
+
+
+def test_bad_arguments():
+    q, g = data(10, 4, 2)
+    with pytest.raises(ValueError, match="stored as"):
+        _search.search_shard(q, g, "bfloat16", 3)
+    with pytest.raises(ValueError, match="scale"):
+        _search.search_shard(q, quantize.encode(g, "int8")[0], "int8", 3)
+    with pytest.raises(ValueError, match="float32 copy"):
+        _search.search_shard(q, quantize.encode(g, "float16")[0], "float16", 3, rescore=2)
+    with pytest.raises(ValueError, match="unknown isa"):
+        _search.search_shard(q, g, "float32", 3, isa="sse9")
+    with pytest.raises(ValueError, match="contiguous"):
+        _search.search_shard(q, np.asfortranarray(g), "float32", 3)
+    with pytest.raises(ValueError, match="k must"):
+        _search.search_shard(q, g, "float32", 0)
+    assert ISAS[0] == "scalar" and _search.default_threads() >= 1
