@@ -192,18 +192,15 @@ def load_ranks(path: Path) -> np.ndarray:
 
 
 def metrics_table(results: dict[str, dict], title: str = "") -> Table:
-    """One row per setting, mAP and mP@k per protocol, in percent."""
+    """One row per setting and protocol: mAP and mP@1,5,10 in percent."""
     table = Table(title=title or None)
-    table.add_column("setting")
-    for proto in ("easy", "medium", "hard"):
-        table.add_column(f"{proto[0].upper()} mAP", justify="right")
-        table.add_column(f"{proto[0].upper()} mP@1,5,10", justify="right")
+    for col in ("setting", "protocol", "mAP", "mP@1", "mP@5", "mP@10"):
+        table.add_column(col, justify="left" if col in ("setting", "protocol") else "right")
     for name, res in results.items():
-        row = [name]
-        for proto in ("easy", "medium", "hard"):
+        for i, proto in enumerate(("easy", "medium", "hard")):
             r = res[proto]
-            row += [f"{r['mAP']:.2f}", f"{r['mP@1']:.1f} {r['mP@5']:.1f} {r['mP@10']:.1f}"]
-        table.add_row(*row)
+            table.add_row(name if i == 0 else "", proto, f"{r['mAP']:.2f}", f"{r['mP@1']:.2f}", f"{r['mP@5']:.2f}",
+                          f"{r['mP@10']:.2f}", end_section=i == 2)
     return table
 
 
@@ -281,9 +278,10 @@ def data_views(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Build the offline instance-retrieval benchmark from real photographs."""
+    from .datasets.photos import photos_in
     from .datasets.views import build_views
 
-    info = build_views(out_dir, photos=photos, difficulty=difficulty, seed=seed)
+    info = build_views(out_dir, photos=photos_in(photos) if photos else None, difficulty=difficulty, seed=seed)
     console.print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))}))
 
 

@@ -71,6 +71,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
     train_loss: also train the student with this loss on the training split and add the
     `student_trained_asym` and `student_trained_sym` settings.
     """
+    from .datasets.photos import photos_in
     from .datasets.views import build_views
 
     log = log or Console(stderr=True)
@@ -78,7 +79,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
     out_dir = Path(out_dir)
     bench = out_dir / "views"
     log.print(f"building the views benchmark in {bench}")
-    build_views(bench, photos=photos, difficulty=difficulty, seed=seed)
+    build_views(bench, photos=photos_in(photos) if photos else None, difficulty=difficulty, seed=seed)
     gnd_path = bench / "test" / "gnd.pkl"
     cfg = revisited.load_gnd(gnd_path)
     images_dir = revisited.images_dir_for(gnd_path)
@@ -117,8 +118,15 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
         q_trained = _queries(trained, queries, cfg["qimlist"], out_dir / "queries_trained_student.npy", opts)
         metrics["student_trained_sym"] = _evaluate(ts_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_sym.npz")
         metrics["student_trained_asym"] = _evaluate(t_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_asym.npz")
+    from .report import write_report
+
+    shown = ["teacher_sym", "student_asym"] + (["student_trained_asym"] if train_loss else [])
+    curves = out_dir / f"train-{train_loss}" / "log.jsonl" if train_loss else None
+    report = write_report(gnd_path, [(name, results / f"{name}.npz") for name in shown], images_dir, out_dir / "report",
+                          curves=curves)
     elapsed = time.perf_counter() - t0
     notes = [
+        f"report: {report}",
         f"gallery {len(gallery)} images, {len(queries)} queries; benchmark in {bench}",
         f"stores: {out_dir / 'teacher.store'} (teacher), {out_dir / 'student.store'} (student); results in {results}",
         f"total time {elapsed:.0f} s",

@@ -6,7 +6,7 @@ pairs, mine hard negatives from a pool (student queries against teacher pool vec
 asymmetric mode), and build tuples. Adam with the GeM p group at 10x lr and no weight decay,
 exponential lr decay, BatchNorm frozen. Validation each epoch (asymmetric and symmetric mAP),
 best-model selection, checkpoints after each epoch and resume. Under torchrun every process
-takes its share of each batch and DistributedDataParallel averages the gradients.
+takes its share of each batch and the gradients are averaged with torch.distributed's all-reduce.
 """
 from __future__ import annotations
 
@@ -119,9 +119,6 @@ class Trainer:
         if self.student.space != data.space:
             raise EngineError(f"student maps into space {self.student.space!r}, the teacher store is {data.space!r}")
         self.student.config["train"] = asdict(cfg)
-        self.model = self.student
-        if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.student, find_unused_parameters=False)
         self.opt = _optimizer(self.student, cfg)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=math.exp(-cfg.lr_decay))
         self.epoch = 0
@@ -202,7 +199,7 @@ class Trainer:
         cfg, d = self.cfg, self.data
         t = torch.from_numpy(d.teacher[idx])
         if cfg.loss in KT_LOSSES:
-            s = forward_images(self.model, images)
+            s = forward_images(self.student, images)
             if cfg.loss == "csd":
                 return L.csd(s, t, torch.from_numpy(d.teacher[self._teacher_neighbours()[idx]]))
             return L.LOSSES[cfg.loss](s, t)
@@ -210,10 +207,10 @@ class Trainer:
         B = len(idx) // R
         kwargs = {} if cfg.margin is None else {"margin": cfg.margin}
         if cfg.mode == "asym":
-            anchors = forward_images(self.model, images)  # only the queries were decoded
+            anchors = forward_images(self.student, images)  # only the queries were decoded
             refs = t.view(B, R, -1)[:, 1:]
         else:
-            s = forward_images(self.model, images).view(B, R, -1)
+            s = forward_images(self.student, images).view(B, R, -1)
             anchors, refs = s[:, 0], s[:, 1:]
         if cfg.loss == "contrastive+":
             return L.contrastive_plus(anchors, refs, t.view(B, R, -1)[:, 0], **kwargs)
@@ -240,13 +237,34 @@ class Trainer:
         units = [batch[i:i + unit] for i in range(0, len(batch), unit)]
         return [i for u in units[self.rank::self.world] for i in u]
 
+    def _zero_loss(self) -> torch.Tensor:
+        """This process got no share of a small batch: it still takes part in the gradient average."""
+        return sum(p.sum() * 0.0 for p in self.student.parameters() if p.requires_grad)
+
+    def _average_gradients(self) -> None:
+        """All-reduce the gradients (mean over processes), in one flat buffer.
+
+        Done by hand rather than by DistributedDataParallel's hooks because a batch of images of
+        several sizes takes several forward passes before its one backward, which DDP does not allow.
+        """
+        if self.world == 1:
+            return
+        grads = [p.grad for p in self.student.parameters() if p.requires_grad]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def train_epoch(self) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed * 100003 + self.epoch)  # same plan in every process
         batches, plan = self._epoch_plan(rng)
         mine = [self._shard(b, plan) for b in batches]
         decode = [self._images_for(b, plan) for b in mine]
-        self.model.train()
+        self.student.train()
         _freeze_batchnorm(self.student)
         total, n_img, t0 = 0.0, 0, time.perf_counter()
         columns = (TextColumn(f"epoch {self.epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
@@ -254,12 +272,17 @@ class Trainer:
         with Progress(*columns, disable=not (self.progress and self.rank == 0)) as bar:
             task = bar.add_task("train", total=len(batches), loss=0.0, rate=0.0)
             for step, (idx, images) in enumerate(zip(mine, batch_loader(self.data.paths, decode, cfg.max_side, cfg.workers))):
-                loss = self._batch_loss(images, idx, plan)
+                loss = self._batch_loss(images, idx, plan) if idx else self._zero_loss()
                 if not torch.isfinite(loss):
                     raise EngineError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (images {idx[:4]}...); "
                                       f"the last good checkpoint is {self.out / 'last.safetensors'}")
-                self.opt.zero_grad(set_to_none=True)
+                # Tuple losses sum over the batch: each process holds part of the sum, and DDP averages
+                # gradients, so scaling by the world size gives the full batch's gradient and loss.
+                if self.world > 1 and cfg.loss not in KT_LOSSES:
+                    loss = loss * self.world
+                self.opt.zero_grad(set_to_none=False)
                 loss.backward()
+                self._average_gradients()
                 self.opt.step()
                 total += float(loss.detach())
                 n_img += len(decode[step])

@@ -1,0 +1,24 @@
+"""`engine demo` end to end on a folder of photographs: the table's settings, the gap, the report."""
+import json
+
+import pytest
+from PIL import Image
+from skimage import data
+
+
+@pytest.mark.slow
+def test_demo_on_a_photo_folder(tmp_path, run_cli):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photos, "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert set(metrics) == {"teacher_sym", "student_sym", "student_asym"}
+    for setting in metrics.values():
+        assert set(setting) == {"easy", "medium", "hard"}
+    # a pretrained teacher is far ahead of an untrained student's queries against its gallery
+    assert metrics["teacher_sym"]["medium"]["mAP"] > metrics["student_asym"]["medium"]["mAP"] + 20
+    assert (tmp_path / "demo" / "report" / "index.html").exists()
+    assert (tmp_path / "demo" / "teacher.store" / "manifest.json").exists()
