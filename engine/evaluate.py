@@ -108,3 +108,8 @@ def per_query_ap(ranks: np.ndarray, gnd: Sequence[dict], protocol: str = "medium
 def ranks_from_ids(ids: np.ndarray) -> np.ndarray:
     """A search result's ids (n_queries x k, best first) as a revisitop ranks array (k x n_queries)."""
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).T)
+
+
+def rank_by_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """(n_gallery, n_queries) ranks by inner product of in-memory vectors, best first (ties by lower index)."""
+    return np.argsort(-(np.asarray(gallery) @ np.asarray(queries).T), axis=0, kind="stable")

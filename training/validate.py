@@ -9,7 +9,7 @@ import numpy as np
 from engine.datasets import revisited
 from engine.encode import EncodeOptions, encode_to_array
 from engine.errors import EngineError
-from engine.evaluate import evaluate_revisited
+from engine.evaluate import evaluate_revisited, rank_by_similarity
 from engine.models import Encoder
 from engine.store import open_store
 
@@ -33,11 +33,6 @@ def load_val_set(gnd_path: str | Path, teacher_store: str | Path, images_dir: st
     return ValSet(gnd, images, store.vectors())
 
 
-def rank(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """(n_gallery, n_queries) ranks by inner product, best first (ties by lower index)."""
-    return np.argsort(-(gallery @ queries.T), axis=0, kind="stable")
-
-
 def validate(student: Encoder, val: ValSet, max_side: int, workers: int = 0) -> dict:
     """{"val_asym_mAP", "val_sym_mAP", "val_asym_hard", "val_sym_hard"}: Medium (and Hard) mAP in percent."""
     was_training = student.training
@@ -46,8 +41,8 @@ def validate(student: Encoder, val: ValSet, max_side: int, workers: int = 0) -> 
     opts = EncodeOptions(max_side=max_side, workers=workers, progress=False, backend="torch")
     q, _, _ = encode_to_array(student, revisited.query_items(val.gnd, val.images_dir), opts)
     g, _, _ = encode_to_array(student, revisited.gallery_items(val.gnd, val.images_dir), opts)
-    asym = evaluate_revisited(rank(q, val.teacher_gallery), val.gnd["gnd"])
-    sym = evaluate_revisited(rank(q, g), val.gnd["gnd"])
+    asym = evaluate_revisited(rank_by_similarity(q, val.teacher_gallery), val.gnd["gnd"])
+    sym = evaluate_revisited(rank_by_similarity(q, g), val.gnd["gnd"])
     student.train(was_training)
     return {"val_asym_mAP": asym["medium"]["mAP"], "val_sym_mAP": sym["medium"]["mAP"],
             "val_asym_hard": asym["hard"]["mAP"], "val_sym_hard": sym["hard"]["mAP"]}
