@@ -310,6 +310,8 @@ def train(
     max_side: int = typer.Option(362, "--max-side"),
     workers: int = typer.Option(-1, "--workers"),
     seed: int = typer.Option(0, "--seed"),
+    freeze: str = typer.Option("bn", "--freeze", help="bn (BatchNorm statistics frozen) or trunk (only projection and head learn)"),
+    val_every: int = typer.Option(1, "--val-every", help="Validate every N epochs (and after the last)"),
     val_gnd: Optional[Path] = typer.Option(None, "--val-gnd", help="Validation ground truth (revisited format)"),
     val_store: Optional[Path] = typer.Option(None, "--val-store", help="Teacher store of the validation gallery"),
 ):
@@ -322,7 +324,7 @@ def train(
     cfg = TrainConfig(student=student, weights=weights, loss=loss, mode=mode, margin=margin, epochs=epochs, lr=lr,
                       lr_decay=lr_decay, weight_decay=weight_decay, batch_size=batch_size, images_per_epoch=images_per_epoch,
                       query_size=query_size, pool_size=pool_size, neg_num=neg_num, negatives=negatives, max_side=max_side,
-                      workers=default_workers() if workers < 0 else workers, seed=seed)
+                      workers=default_workers() if workers < 0 else workers, seed=seed, freeze=freeze, val_every=val_every)
     metrics = run_training(cfg, out_dir, teacher_store, train_set, images, val_gnd, val_store, init)
     console.print(json.dumps(metrics))
 
@@ -418,7 +420,7 @@ def demo(
     student: str = typer.Option("mobilenetv2", "--student", help="Student architecture"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
     train: Optional[str] = typer.Option(None, "--train", help="Also train the student with this loss (e.g. regression) and score it"),
-    epochs: int = typer.Option(5, "--epochs", help="Training epochs with --train"),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs with --train"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
     from .demo import run_demo

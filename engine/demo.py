@@ -21,7 +21,7 @@ from .store import Store
 
 TEACHER = "effnet-lite2-gem"
 MAX_SIDE = 362
-TRAIN_LR = 1e-4
+TRAIN_LR = 1e-3
 
 
 def _queries(enc, items, names, path: Path, opts: EncodeOptions) -> np.ndarray:
@@ -55,9 +55,11 @@ def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: E
     opts.label = "teacher: validation gallery"
     encode_to_store(teacher, revisited.gallery_items(val_cfg, revisited.images_dir_for(val_gnd)), val_cfg["imlist"],
                     out_dir / "teacher_val.store", opts)
+    # The shortest useful run: the trunk stays frozen (its maps are computed once), so epochs take seconds,
+    # and validation runs once at the end.
     cfg = TrainConfig(student=student, loss=loss, mode="asym", epochs=epochs, lr=TRAIN_LR, batch_size=4,
                       images_per_epoch=len(ts.images), query_size=len(ts.qidxs), pool_size=len(ts.images),
-                      max_side=opts.max_side, workers=opts.workers)
+                      max_side=opts.max_side, workers=opts.workers, freeze="trunk", val_every=epochs)
     run = out_dir / f"train-{loss}"
     trainer = Trainer(cfg, load_train_data(db, train_store), run, load_val_set(val_gnd, out_dir / "teacher_val.store"))
     trainer.fit()
@@ -83,7 +85,7 @@ def _real_pairs(gnd_path: Path, teacher, student, opts: EncodeOptions) -> dict[s
 
 
 def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilenetv2", log: Console | None = None,
-             difficulty: str = "medium", seed: int = 0, train_loss: str | None = None, epochs: int = 5) -> dict:
+             difficulty: str = "medium", seed: int = 0, train_loss: str | None = None, epochs: int = 10) -> dict:
     """Run the demo into `out_dir`; returns {"metrics": {setting: eval dict}, "benchmark": str, "notes": [str]}.
 
     train_loss: also train the student with this loss on the training split and add the

@@ -71,3 +71,16 @@ def test_whiten_installs_lw_and_changes_the_teacher_space(tiny_train, teacher_st
     enc = load_checkpoint(tmp_path / "tw.safetensors")
     assert enc.dim == 32 and enc.head.whiten.weight.shape == (32, 1280)
     assert enc.space != json.loads((teacher_store / "manifest.json").read_text())["space"]
+
+
+def test_frozen_trunk_trains_only_projection_and_head(tiny_train, teacher_store, tmp_path, run_cli):
+    from engine.models import build_student
+
+    code, _, err = run_cli(*train_args(tiny_train, teacher_store, tmp_path / "run", "--loss", "regression",
+                                       "--epochs", 1, "--lr", "1e-3", "--freeze", "trunk"))
+    assert code == 0, err
+    trained = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    start = build_student("mobilenetv2", trained.dim, trained.space)
+    for a, b in zip(trained.trunk.state_dict().values(), start.trunk.state_dict().values()):
+        assert (a == b).all()
+    assert not (trained.proj[0].weight == start.proj[0].weight).all()

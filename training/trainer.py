@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.errors import EngineError
+from engine.images import load_image
 from engine.models import Encoder, build_student, load_checkpoint, save_checkpoint
 from engine.store import atomic_write_bytes
 
@@ -33,7 +34,8 @@ from .mining import mine_hard_negatives, nearest_neighbours, random_negatives
 from .validate import ValSet, validate
 
 KT_LOSSES = {"regression", "rkd", "darkrank", "csd"}
-RESUMABLE_CHANGES = {"epochs", "workers"}  # a resumed run may be extended or given other decoding workers
+RESUMABLE_CHANGES = {"epochs", "workers", "val_every"}
+MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up to this size  # a resumed run may be extended or given other decoding workers
 
 
 @dataclass
@@ -61,6 +63,8 @@ class TrainConfig:
     workers: int = 1
     seed: int = 0
     select: str = "auto"  # validation metric for best-model choice: asym | sym | auto (the mode's)
+    val_every: int = 1  # validate (and choose the best model) every this many epochs, and after the last
+    freeze: str = "bn"  # bn: BatchNorm statistics frozen; trunk: the whole backbone frozen (projection and head learn)
 
     def check(self) -> None:
         if self.loss not in L.LOSSES:
@@ -69,6 +73,8 @@ class TrainConfig:
             raise EngineError(f"--mode must be asym or sym, got {self.mode!r}")
         if self.mode == "sym" and self.loss in KT_LOSSES | {"contrastive+"}:
             raise EngineError(f"{self.loss} transfers the teacher's knowledge: it has no symmetric form (use --mode asym)")
+        if self.freeze not in ("bn", "trunk"):
+            raise EngineError(f"--freeze must be bn or trunk, got {self.freeze!r}")
         if self.negatives not in ("hard", "random"):
             raise EngineError(f"--negatives must be hard or random, got {self.negatives!r}")
 
@@ -119,6 +125,10 @@ class Trainer:
         if self.student.space != data.space:
             raise EngineError(f"student maps into space {self.student.space!r}, the teacher store is {data.space!r}")
         self.student.config["train"] = asdict(cfg)
+        if cfg.freeze == "trunk":
+            # few training photographs: adapting only the projection and head keeps the ImageNet features general
+            self.student.trunk.requires_grad_(False)
+        self._cache_trunk_maps()
         self.opt = _optimizer(self.student, cfg)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=math.exp(-cfg.lr_decay))
         self.epoch = 0
@@ -191,15 +201,15 @@ class Trainer:
         self.student.eval()
         out = []
         chunks = [idx[i:i + 8] for i in range(0, len(idx), 8)]
-        for imgs in batch_loader(self.data.paths, chunks, self.cfg.max_side, self.cfg.workers):
-            out.append(forward_images(self.student, imgs))
+        for imgs in self._inputs(chunks):
+            out.append(forward_images(self._forward, imgs))
         return torch.cat(out).numpy() if out else np.zeros((0, self.data.dim), np.float32)
 
     def _batch_loss(self, images: list[torch.Tensor], idx: list[int], plan: dict) -> torch.Tensor:
         cfg, d = self.cfg, self.data
         t = torch.from_numpy(d.teacher[idx])
         if cfg.loss in KT_LOSSES:
-            s = forward_images(self.student, images)
+            s = forward_images(self._forward, images)
             if cfg.loss == "csd":
                 return L.csd(s, t, torch.from_numpy(d.teacher[self._teacher_neighbours()[idx]]))
             return L.LOSSES[cfg.loss](s, t)
@@ -207,14 +217,44 @@ class Trainer:
         B = len(idx) // R
         kwargs = {} if cfg.margin is None else {"margin": cfg.margin}
         if cfg.mode == "asym":
-            anchors = forward_images(self.student, images)  # only the queries were decoded
+            anchors = forward_images(self._forward, images)  # only the queries were decoded
             refs = t.view(B, R, -1)[:, 1:]
         else:
-            s = forward_images(self.student, images).view(B, R, -1)
+            s = forward_images(self._forward, images).view(B, R, -1)
             anchors, refs = s[:, 0], s[:, 1:]
         if cfg.loss == "contrastive+":
             return L.contrastive_plus(anchors, refs, t.view(B, R, -1)[:, 0], **kwargs)
         return L.LOSSES[cfg.loss](anchors, refs, **kwargs)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Student descriptors from images, or from cached trunk maps when the trunk is frozen."""
+        if self._maps is None:
+            return self.student(x)
+        return self.student.head(self.student.proj(x))
+
+    def _inputs(self, batches: list[list[int]]):
+        """Per batch, what `_forward` takes: decoded images (a DataLoader), or the cached trunk maps."""
+        if self._maps is None:
+            return batch_loader(self.data.paths, batches, self.cfg.max_side, self.cfg.workers)
+        return ([self._maps[i] for i in b] for b in batches)
+
+    @torch.no_grad()
+    def _cache_trunk_maps(self) -> None:
+        """A frozen trunk gives every image the same map each epoch: compute them once, if they fit in memory."""
+        self._maps = None
+        if self.cfg.freeze != "trunk":
+            return
+        probe = load_image(self.data.paths[0], self.cfg.max_side)[None]
+        per_image = self.student.trunk((probe - self.student.mean) / self.student.std).numel() * 4
+        if per_image * len(self.data.paths) > MAP_CACHE_BYTES:
+            return
+        self.student.eval()
+        chunks = [list(range(i, min(i + 8, len(self.data.paths)))) for i in range(0, len(self.data.paths), 8)]
+        maps: list[torch.Tensor] = []
+        for imgs in batch_loader(self.data.paths, chunks, self.cfg.max_side, self.cfg.workers):
+            for img in imgs:
+                maps.append(self.student.trunk(((img[None] - self.student.mean) / self.student.std))[0])
+        self._maps = maps
 
     def _teacher_neighbours(self) -> np.ndarray:
         """Each training image's teacher top-K neighbours (CSD's context): fixed, so computed once."""
@@ -271,7 +311,7 @@ class Trainer:
                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeElapsedColumn())
         with Progress(*columns, disable=not (self.progress and self.rank == 0)) as bar:
             task = bar.add_task("train", total=len(batches), loss=0.0, rate=0.0)
-            for step, (idx, images) in enumerate(zip(mine, batch_loader(self.data.paths, decode, cfg.max_side, cfg.workers))):
+            for step, (idx, images) in enumerate(zip(mine, self._inputs(decode))):
                 loss = self._batch_loss(images, idx, plan) if idx else self._zero_loss()
                 if not torch.isfinite(loss):
                     raise EngineError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (images {idx[:4]}...); "
@@ -302,7 +342,8 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             metrics = self.train_epoch()
             self.epoch += 1
-            if self.val is not None and self.rank == 0:
+            due = self.epoch % self.cfg.val_every == 0 or self.epoch == self.cfg.epochs
+            if self.val is not None and self.rank == 0 and due:
                 metrics.update(validate(self.student, self.val, self.cfg.max_side, self.cfg.workers))
                 score = metrics[f"val_{key}_mAP"]
                 if score > self.best:
