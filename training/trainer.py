@@ -188,15 +188,15 @@ class Trainer:
         if cfg.negatives == "random":
             neg = pool[random_negatives(d.cluster[q], d.cluster[pool], cfg.neg_num, seed=int(rng.integers(1 << 31)))]
         else:
-            sq = self._encode(q.tolist(), "mining: student queries")
-            pool_vecs = d.teacher[pool] if cfg.mode == "asym" else self._encode(pool.tolist(), "mining: student pool")
+            sq = self._encode(q.tolist())
+            pool_vecs = d.teacher[pool] if cfg.mode == "asym" else self._encode(pool.tolist())
             neg = pool[mine_hard_negatives(sq, pool_vecs, d.cluster[q], d.cluster[pool], cfg.neg_num)]
         tuples = np.concatenate([q[:, None], p[:, None], neg], axis=1)  # query, positive, negatives
         batches = [tuples[i:i + cfg.batch_size] for i in range(0, len(tuples), cfg.batch_size)]
         return [b.reshape(-1).tolist() for b in batches], {"tuple_len": tuples.shape[1]}
 
     @torch.no_grad()
-    def _encode(self, idx: list[int], label: str) -> np.ndarray:
+    def _encode(self, idx: list[int]) -> np.ndarray:
         """Student vectors of training images (for mining), in eval mode."""
         self.student.eval()
         out = []
