@@ -49,12 +49,13 @@ def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: E
     db = bench / "train" / "db.pkl"
     ts = load_training_set(db)
     opts.label = "teacher: training images"
-    train_store = encode_to_store(teacher, [(p, None) for p in ts.images], ts.cids, out_dir / "teacher_train.store", opts)
+    train_store = encode_to_store(teacher, [(p, None) for p in ts.images], ts.cids, out_dir / "teacher_train.store", opts,
+                                  rebuild_stale=True)
     val_gnd = bench / "val" / "gnd.pkl"
     val_cfg = revisited.load_gnd(val_gnd)
     opts.label = "teacher: validation gallery"
     encode_to_store(teacher, revisited.gallery_items(val_cfg, revisited.images_dir_for(val_gnd)), val_cfg["imlist"],
-                    out_dir / "teacher_val.store", opts)
+                    out_dir / "teacher_val.store", opts, rebuild_stale=True)
     # The shortest useful run: the trunk stays frozen (its maps are computed once), so epochs take seconds,
     # and validation runs once at the end.
     cfg = TrainConfig(student=student, loss=loss, mode="asym", epochs=epochs, lr=TRAIN_LR, batch_size=4,
@@ -112,9 +113,9 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
     log.print(f"teacher {teacher.name} (D = {teacher.dim}); untrained student {stu.name}")
 
     opts.label = "teacher gallery"
-    t_store = encode_to_store(teacher, gallery, cfg["imlist"], out_dir / "teacher.store", opts)
+    t_store = encode_to_store(teacher, gallery, cfg["imlist"], out_dir / "teacher.store", opts, rebuild_stale=True)
     opts.label = "student gallery"
-    s_store = encode_to_store(stu, gallery, cfg["imlist"], out_dir / "student.store", opts)
+    s_store = encode_to_store(stu, gallery, cfg["imlist"], out_dir / "student.store", opts, rebuild_stale=True)
     opts.label = "teacher queries"
     q_teacher = _queries(teacher, queries, cfg["qimlist"], out_dir / "queries_teacher.npy", opts)
     opts.label = "student queries"
@@ -133,9 +134,10 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
         log.print(f"training the student ({train_loss}, {epochs} epochs) on the benchmark's training scenes")
         trained = load_checkpoint(_train(teacher, student, train_loss, bench, out_dir, opts, epochs))
         opts.label = "trained student gallery"
-        ts_store = encode_to_store(trained, gallery, cfg["imlist"], out_dir / "trained_student.store", opts)
+        ts_store = encode_to_store(trained, gallery, cfg["imlist"], out_dir / f"trained-{train_loss}.store", opts,
+                                   rebuild_stale=True)
         opts.label = "trained student queries"
-        q_trained = _queries(trained, queries, cfg["qimlist"], out_dir / "queries_trained_student.npy", opts)
+        q_trained = _queries(trained, queries, cfg["qimlist"], out_dir / f"queries_trained-{train_loss}.npy", opts)
         metrics["student_trained_sym"] = _evaluate(ts_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_sym.npz")
         metrics["student_trained_asym"] = _evaluate(t_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_asym.npz")
     real_pairs = _real_pairs(bench / "pairs" / "gnd.pkl", teacher, stu, opts)

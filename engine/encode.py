@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backends import Runner, make_runner
 from .errors import EngineError
 from .images import DEFAULT_MAX_SIDE, load_image
-from .models import Encoder
+from .models import Encoder, weights_hash
 from .store import (
     DEFAULT_SHARD_ROWS,
     MANIFEST,
@@ -232,7 +232,8 @@ def encode_to_array(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions
 def source_key(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions) -> str:
     """Identifies an encode job (encoder weights, image list, boxes, resolution): resuming needs the same key."""
     h = hashlib.sha256()
-    h.update(json.dumps([encoder.space, encoder.name, opts.describe()]).encode())
+    # the weights themselves: students trained towards one teacher share its space id and their name
+    h.update(json.dumps([encoder.space, encoder.name, weights_hash(encoder), opts.describe()]).encode())
     for path, bbx in items:
         h.update(f"{path}|{list(bbx) if bbx is not None else ''}\n".encode())
     return h.hexdigest()[:32]
@@ -247,8 +248,13 @@ def encode_to_store(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     dtype: str = "float32",
     overwrite: bool = False,
+    rebuild_stale: bool = False,
 ) -> Store:
-    """Encode items into a store shard by shard; rerunning after an interruption resumes at the first missing shard."""
+    """Encode items into a store shard by shard; rerunning after an interruption resumes at the first missing shard.
+
+    A complete store of the same job is returned as it is. A store of another job (other weights, images or
+    resolution) is an error, or is rebuilt with `rebuild_stale` (for folders the caller owns as a cache).
+    """
     if len(items) == 0:
         raise EngineError("nothing to encode: the image list is empty")
     info = {"encoder": encoder.config, "encode": opts.describe()}
@@ -257,6 +263,7 @@ def encode_to_store(
         existing = read_manifest(Path(out))
         if existing.get("complete") and existing.get("source_key") == key and list(existing["copies"]) == [dtype]:
             return open_store(out)  # the same job already finished: nothing to do
+        overwrite = rebuild_stale and existing.get("source_key") != key
     writer = StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite)
     start = writer.items_done
     pending = list(range(start, len(items)))

@@ -141,3 +141,21 @@ def test_compressed_copy_with_rescoring_gives_the_exact_answer(encoded, run_cli,
         outs[scan] = np.load(tmp_path / f"{scan}.npz")
     np.testing.assert_array_equal(outs["int8"]["ids"], outs["float32"]["ids"])
     np.testing.assert_allclose(outs["int8"]["scores"], outs["float32"]["scores"], rtol=1e-6)
+
+
+def test_a_store_of_other_weights_in_the_same_space_is_not_resumed_into(encoded, run_cli, tmp_path):
+    import torch
+
+    from engine.models import build_student, save_checkpoint
+    from engine.store import read_manifest
+
+    work, gnd = encoded
+    m = read_manifest(work / "t.store")
+    other = build_student("mobilenetv2", m["dim"], m["space"])
+    with torch.no_grad():
+        other.head.p.fill_(2.0)  # same name, same space, other weights
+    save_checkpoint(other, tmp_path / "other.safetensors")
+    common = ["--gnd", gnd, "--out", tmp_path / "s.store", "--max-side", SIDE, "--workers", 0]
+    assert run_cli("encode", "--student", "mobilenetv2", "--target", work / "t.store", *common)[0] == 0
+    code, _, err = run_cli("encode", "--student", tmp_path / "other.safetensors", *common)
+    assert code != 0 and "source_key" in err
