@@ -59,7 +59,7 @@ def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: E
     # The shortest useful run: the trunk stays frozen (its maps are computed once), so epochs take seconds,
     # and validation runs once at the end.
     cfg = TrainConfig(student=student, loss=loss, mode="asym", epochs=epochs, lr=TRAIN_LR, batch_size=4,
-                      images_per_epoch=len(ts.images), query_size=len(ts.qidxs), pool_size=len(ts.images),
+                      images_per_epoch=len(ts.images), query_size=min(len(ts.qidxs), len(ts.images)), pool_size=len(ts.images),
                       max_side=opts.max_side, workers=opts.workers, freeze="trunk", val_every=epochs)
     run = out_dir / f"train-{loss}"
     trainer = Trainer(cfg, load_train_data(db, train_store), run, load_val_set(val_gnd, out_dir / "teacher_val.store"))
