@@ -157,18 +157,14 @@ def search(
 ):
     """Top-k by inner product of each query against a store (exact by default)."""
     from .encode import load_vectors
+    from .search import save_results
     from .search import search as run_search
-    from .store import atomic_write_bytes, open_store
+    from .store import open_store
 
     store = open_store(store_path)
     q, meta = load_vectors(queries)
     scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, ids=ids, scores=scores)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_path, buf.getvalue())
+    save_results(out_path, ids, scores)
     console.print(f"wrote top-{ids.shape[1]} of {store.count} for {len(q)} queries to {out_path}")
 
 

@@ -16,7 +16,7 @@ from .datasets import revisited
 from .encode import EncodeOptions, default_workers, encode_to_array, encode_to_store, save_vectors
 from .evaluate import evaluate_revisited, rank_by_similarity, ranks_from_ids
 from .models import build_student, build_teacher
-from .search import search
+from .search import save_results, search
 from .store import Store
 
 TEACHER = "effnet-lite2-gem"
@@ -34,7 +34,7 @@ def _queries(enc, items, names, path: Path, opts: EncodeOptions) -> np.ndarray:
 
 def _evaluate(store: Store, queries: np.ndarray, space: str, gnd: list, result_path: Path) -> dict:
     scores, ids = search(store, queries, store.count, space=space)
-    np.savez(result_path, ids=ids, scores=scores)
+    save_results(result_path, ids, scores)
     return evaluate_revisited(ranks_from_ids(ids), gnd)
 
 

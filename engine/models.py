@@ -211,9 +211,13 @@ class Encoder(nn.Module):
     def name(self) -> str:
         return self.config["name"]
 
+    def trunk_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map of normalised images: B x C x h x w."""
+        return self.trunk((images - self.mean) / self.std)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The map the head pools: B x D x h x w (after the projection for students)."""
-        x = self.trunk((images - self.mean) / self.std)
+        x = self.trunk_maps(images)
         return self.proj(x) if self.proj is not None else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,15 @@ is among the candidates (the benchmark reports how often: recall@100 >= 0.999 at
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from . import quantize
 from .errors import EngineError
-from .store import ShardView, Store
+from .store import ShardView, Store, atomic_write_bytes
 
 BACKENDS = ("engine", "faiss", "torch")
 # Fastest first (bytes scanned per row); each is made exact by rescoring against float32.
@@ -208,3 +210,11 @@ def search_stores(
         scores, ids = (s, i + offset) if scores is None else merge_topk(scores, ids, s, i + offset, int(k))
         offset += store.count
     return scores, ids
+
+
+def save_results(path, ids: np.ndarray, scores: np.ndarray) -> None:
+    """A search result as RESULT.npz (`ids` int64 Q x k, `scores` float32 Q x k), written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids, scores=scores)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(path), buf.getvalue())

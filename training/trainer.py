@@ -24,7 +24,6 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.errors import EngineError
-from engine.images import load_image
 from engine.models import Encoder, build_student, load_checkpoint, save_checkpoint
 from engine.store import atomic_write_bytes
 
@@ -244,16 +243,15 @@ class Trainer:
         self._maps = None
         if self.cfg.freeze != "trunk":
             return
-        probe = load_image(self.data.paths[0], self.cfg.max_side)[None]
-        per_image = self.student.trunk((probe - self.student.mean) / self.student.std).numel() * 4
-        if per_image * len(self.data.paths) > MAP_CACHE_BYTES:
-            return
         self.student.eval()
-        chunks = [list(range(i, min(i + 8, len(self.data.paths)))) for i in range(0, len(self.data.paths), 8)]
+        n = len(self.data.paths)
+        chunks = [list(range(i, min(i + 8, n))) for i in range(0, n, 8)]
         maps: list[torch.Tensor] = []
         for imgs in batch_loader(self.data.paths, chunks, self.cfg.max_side, self.cfg.workers):
             for img in imgs:
-                maps.append(self.student.trunk(((img[None] - self.student.mean) / self.student.std))[0])
+                maps.append(self.student.trunk_maps(img[None])[0])
+            if maps[0].numel() * 4 * n > MAP_CACHE_BYTES:  # judged on the first batch's maps
+                return
         self._maps = maps
 
     def _teacher_neighbours(self) -> np.ndarray:
