@@ -66,6 +66,7 @@ struct KF32 {
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = false;
   using G = float; using Qt = float; using V = __m512; using QV = __m512; using GV = __m512; using Acc = float;
   AML_FN __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1); }
   AML_FN V zero() { return _mm512_setzero_ps(); }
@@ -108,6 +109,7 @@ struct KI8Madd {
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = false;
   using G = int8_t; using Qt = int16_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
@@ -135,6 +137,7 @@ struct KI8Vnni {
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = true;
   using G = int8_t; using Qt = int8_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }

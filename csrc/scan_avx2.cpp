@@ -35,6 +35,7 @@ struct KF32 {
   static constexpr int kRows = 2;  // 16 ymm registers: 4 x 2 accumulators leave room for loads
   static constexpr bool kSumTile = false;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = false;
   using G = float; using Qt = float; using V = __m256; using QV = __m256; using GV = __m256; using Acc = float;
   AML_FN V zero() { return _mm256_setzero_ps(); }
   AML_FN QV lq(const Qt* p) { return _mm256_loadu_ps(p); }
@@ -72,6 +73,7 @@ struct KI8 {
   static constexpr int kRows = 2;  // 16 ymm registers: 4 x 2 accumulators leave room for loads
   static constexpr bool kSumTile = false;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = false;
   using G = int8_t; using Qt = int16_t; using V = __m256i; using QV = __m256i; using GV = __m256i; using Acc = int32_t;
   AML_FN V zero() { return _mm256_setzero_si256(); }
   AML_FN QV lq(const Qt* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }

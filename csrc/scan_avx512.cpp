@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 
 #include "pool.h"
 #include "scan.h"
@@ -28,6 +29,7 @@ namespace aml::avx512_vnni {
 using KBF16 = KBF16Shift;
 using KI8 = KI8Vnni;
 #include "scan_body.h"
+#include "packed_vnni.h"
 #undef AML_TARGET
 #undef AML_INLINE
 #undef AML_FN
@@ -48,6 +50,7 @@ struct KBF16Dot {
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = false;
   using G = uint16_t; using Qt = uint16_t; using V = __m512; using QV = __m512i; using GV = __m512i; using Acc = float;
   AML_FN V zero() { return _mm512_setzero_ps(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
@@ -64,6 +67,7 @@ struct KBF16Dot {
 using KBF16 = KBF16Dot;
 using KI8 = KI8Vnni;
 #include "scan_body.h"
+#include "packed_vnni.h"
 #undef AML_TARGET
 #undef AML_INLINE
 #undef AML_FN

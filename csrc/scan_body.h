@@ -8,12 +8,17 @@
 //   sum(acc) -> Acc, qconv(float) -> Qt, kRows (gallery rows per register tile) and kSumTile: whether
 //   sum_tile(acc, out) reduces a whole 4 x 4 tile at once (it must round exactly as sum() does) and
 //   tile_scores() gives its scores and the mask of those that may enter their heaps, kWidens:
-//   whether tiles may be widened to float32 once for many queries (then st(float*, GV) stores a loaded row).
+//   whether tiles may be widened to float32 once for many queries (then st(float*, GV) stores a loaded row),
+//   kPacks: whether many queries use the tier's packed kernel (scan_packed_block, defined by the tier).
 // No include guard: each tier includes it once into its own namespace.
 
 constexpr int64_t kQueryPad = 64;       // queries are zero-padded to a multiple of every W
 constexpr int64_t kTileBytes = 96 << 10;  // gallery rows scored together, kept in L2
 constexpr int64_t kQueryBlock = 256;    // queries sharing one pass over a tile
+// Software prefetch distance for streamed rows. The L2 streamer follows one stream per 4 KiB page, but a
+// register tile reads kRows rows side by side: several interleaved streams in one page once rows are
+// ~1 KiB (D = 512 float16), which left single-query scans at half the read bandwidth.
+constexpr int64_t kPrefetchBytes = 4096;
 
 template <class Qt>
 struct Prepared {
@@ -64,10 +69,20 @@ Prepared<typename K::Qt> prepare(const ScanJob& j) {
   return p;
 }
 
-// M queries x N rows, dot products along d held in registers; raw sums to out[m * N + n].
-template <class K, int M, int N>
+// Issues the prefetches for one step of a register tile: the lines `step` bytes at pf.
+template <int64_t Step>
+AML_INLINE void prefetch_step(const char* pf) {
+#pragma GCC unroll 8
+  for (int64_t b = 0; b < Step; b += 64) __builtin_prefetch(pf + b, 0, 3);
+}
+
+// M queries x N rows, dot products along d held in registers; raw sums to out[m * N + n]. With pf (rows
+// contiguous, streamed from memory) each step also prefetches as many bytes as it reads, kPrefetchBytes
+// ahead of the tile, so the prefetch front moves exactly as fast as the scan.
+template <class K, int M, int N, bool Prefetch = false>
 AML_TARGET AML_INLINE void tile(const typename K::Qt* const* q, const typename K::G* const* g, int64_t d,
-                                typename K::Acc* out) {
+                                typename K::Acc* out, const char* pf = nullptr) {
+  constexpr int64_t step = static_cast<int64_t>(K::W) * N * sizeof(typename K::G);
   typename K::V acc[M][N];
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m)
@@ -75,6 +90,10 @@ AML_TARGET AML_INLINE void tile(const typename K::Qt* const* q, const typename K
     for (int n = 0; n < N; ++n) acc[m][n] = K::zero();
   int64_t c = 0;
   for (; c + K::W <= d; c += K::W) {
+    if constexpr (Prefetch && K::W > 1) {
+      prefetch_step<(step < 64 ? 64 : step)>(pf);
+      pf += step;
+    }
     typename K::GV gv[N];
 #pragma GCC unroll 16
     for (int n = 0; n < N; ++n) gv[n] = K::lg(g[n] + c);
@@ -135,8 +154,9 @@ AML_TARGET AML_INLINE void emit(const Prepared<typename K::Qt>& p, const Rows<ty
   }
 }
 
-// M queries from qa against rows [r0, r1), kRows rows per register tile.
-template <class K, int M>
+// M queries from qa against rows [r0, r1), kRows rows per register tile; Prefetch when the rows stream
+// from memory (contiguous: stride == d) and this group is the first to read them.
+template <class K, int M, bool Prefetch>
 AML_TARGET void scan_group(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t d, int64_t qa,
                            int64_t r0, int64_t r1, TopK* heaps) {
   using G = typename K::G;
@@ -148,7 +168,7 @@ AML_TARGET void scan_group(const Prepared<typename K::Qt>& p, const Rows<typenam
   for (; r + R <= r1; r += R) {
     const G* gs[R];
     for (int n = 0; n < R; ++n) gs[n] = rows.row(r + n);
-    tile<K, M, R>(qs, gs, d, out);
+    tile<K, M, R, Prefetch>(qs, gs, d, out, reinterpret_cast<const char*>(gs[0]) + kPrefetchBytes);
     emit<K, M, R>(p, rows, qa, r, out, heaps);
   }
   for (; r < r1; ++r) {
@@ -158,15 +178,19 @@ AML_TARGET void scan_group(const Prepared<typename K::Qt>& p, const Rows<typenam
   }
 }
 
+// Queries [q0, q1) in groups of up to four against rows [t0, t1); `stream`: the rows come from memory
+// (the first group prefetches them, later groups find them in cache).
 template <class K>
 void scan_groups(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t d, int64_t q0, int64_t q1,
-                 int64_t t0, int64_t t1, TopK* heaps) {
+                 int64_t t0, int64_t t1, TopK* heaps, bool stream) {
   int64_t qa = q0;
-  for (; qa + 4 <= q1; qa += 4) scan_group<K, 4>(p, rows, d, qa, t0, t1, heaps);
+  if (stream && q1 - q0 >= 4) scan_group<K, 4, true>(p, rows, d, qa, t0, t1, heaps), qa += 4;
+  for (; qa + 4 <= q1; qa += 4) scan_group<K, 4, false>(p, rows, d, qa, t0, t1, heaps);
+  const bool pf = stream && qa == q0;
   switch (q1 - qa) {
-    case 3: scan_group<K, 3>(p, rows, d, qa, t0, t1, heaps); break;
-    case 2: scan_group<K, 2>(p, rows, d, qa, t0, t1, heaps); break;
-    case 1: scan_group<K, 1>(p, rows, d, qa, t0, t1, heaps); break;
+    case 3: pf ? scan_group<K, 3, true>(p, rows, d, qa, t0, t1, heaps) : scan_group<K, 3, false>(p, rows, d, qa, t0, t1, heaps); break;
+    case 2: pf ? scan_group<K, 2, true>(p, rows, d, qa, t0, t1, heaps) : scan_group<K, 2, false>(p, rows, d, qa, t0, t1, heaps); break;
+    case 1: pf ? scan_group<K, 1, true>(p, rows, d, qa, t0, t1, heaps) : scan_group<K, 1, false>(p, rows, d, qa, t0, t1, heaps); break;
     default: break;
   }
 }
@@ -179,7 +203,12 @@ AML_TARGET void widen_tile(const typename K::G* src, int64_t rows, int64_t d, in
     const typename K::G* s = src + r * d;
     float* o = dst + r * dp;
     int64_t c = 0;
-    for (; c + K::W <= d; c += K::W) K::st(o + c, K::lg(s + c));
+    const char* pf = reinterpret_cast<const char*>(s) + kPrefetchBytes;
+    constexpr int64_t step = static_cast<int64_t>(K::W) * sizeof(typename K::G);
+    for (; c + K::W <= d; c += K::W, pf += step) {
+      if (c * static_cast<int64_t>(sizeof(typename K::G)) % 64 == 0) __builtin_prefetch(pf, 0, 3);
+      K::st(o + c, K::lg(s + c));
+    }
     if (c < d) {
       K::st(o + c, K::lg_tail(s + c, static_cast<int>(d - c)));
       c += K::W;
@@ -188,8 +217,13 @@ AML_TARGET void widen_tile(const typename K::G* src, int64_t rows, int64_t d, in
   }
 }
 
-// Widened float32 scans pay off from this many queries in a block; fewer convert in registers.
+// Widened float32 scans and packed tiles pay off from this many queries in a block; fewer scan rows as stored.
 constexpr int64_t kWidenQueries = 16;
+
+// Queries [q0, q1) against rows [r0, r1) through a packed copy of each tile (tiers whose K::kPacks).
+template <class K>
+AML_TARGET void scan_packed_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1, int64_t r0,
+                       int64_t r1, int64_t tile_rows, TopK* heaps);
 
 // Queries [q0, q1) against rows [r0, r1), tile by tile so each tile is reused from cache by every query.
 template <class K>
@@ -199,6 +233,9 @@ void scan_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0,
   const G* gal = static_cast<const G*>(j.gallery);
   const int64_t row_bytes = std::max<int64_t>(1, j.d * static_cast<int64_t>(sizeof(G)));
   const int64_t tile_rows = std::max<int64_t>(4, kTileBytes / row_bytes / 4 * 4);
+  if constexpr (K::kPacks) {
+    if (q1 - q0 >= kWidenQueries) return scan_packed_block<K>(j, p, q0, q1, r0, r1, tile_rows, heaps);
+  }
   constexpr bool widens = K::kWidens;
   std::vector<float> wide;
   if (widens && q1 - q0 >= kWidenQueries) wide.resize(static_cast<size_t>(tile_rows * p.dp));
@@ -207,11 +244,11 @@ void scan_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0,
     if constexpr (widens) {
       if (!wide.empty()) {
         widen_tile<K>(gal + t0 * j.d, t1 - t0, j.d, p.dp, wide.data());
-        scan_groups<KF32>(p, Rows<float>{wide.data(), t0, p.dp, j.scale}, p.dp, q0, q1, t0, t1, heaps);
+        scan_groups<KF32>(p, Rows<float>{wide.data(), t0, p.dp, j.scale}, p.dp, q0, q1, t0, t1, heaps, false);
         continue;
       }
     }
-    scan_groups<K>(p, Rows<G>{gal, 0, j.d, j.scale}, j.d, q0, q1, t0, t1, heaps);
+    scan_groups<K>(p, Rows<G>{gal, 0, j.d, j.scale}, j.d, q0, q1, t0, t1, heaps, true);
   }
 }
 
@@ -231,7 +268,7 @@ inline void rescore(const ScanJob& j, std::vector<TopK>& cand) {
   Pool::get().run(static_cast<int>(std::min<int64_t>(j.threads, j.nq)), [&](int) {
     for (int64_t i; (i = next++) < j.nq;) {
       const float* q = p.q.data() + i * p.dp;
-      for (const auto& e : cand[i].sorted()) best[i].push(exact_dot(q, j.exact + e.second * j.d, j.d), e.second);
+      for (const auto& e : cand[i].kept()) best[i].push(exact_dot(q, j.exact + e.second * j.d, j.d), e.second);
     }
   });
   cand = std::move(best);

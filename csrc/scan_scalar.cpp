@@ -19,6 +19,7 @@ struct KScalar {
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = false;
   static constexpr bool kWidens = false;
+  static constexpr bool kPacks = false;
   using G = G_;
   using Qt = Qt_;
   using V = V_;

@@ -29,19 +29,28 @@ class TopK {
   void absorb(const TopK& o) {
     for (const auto& e : o.buf_) push(e.first, e.second);
   }
+  // The kept entries (at most cap), in no set order.
+  const std::vector<std::pair<float, int64_t>>& kept() {
+    if (buf_.size() > cap_) shrink();
+    return buf_;
+  }
   // The kept entries, best first.
   const std::vector<std::pair<float, int64_t>>& sorted() {
-    if (buf_.size() > cap_) shrink();
-    std::sort(buf_.begin(), buf_.end(), better_first);
+    kept();
+    std::sort(buf_.begin(), buf_.end(), BetterFirst());
     return buf_;
   }
 
  private:
-  static bool better_first(const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-    return better(a.first, a.second, b.first, b.second);
-  }
+  // A function object, not a function pointer, so std::nth_element and std::sort inline the comparison
+  // (selection was a sixth of a 1024-query int8 scan when every comparison was an indirect call).
+  struct BetterFirst {
+    bool operator()(const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) const {
+      return better(a.first, a.second, b.first, b.second);
+    }
+  };
   void shrink() {
-    std::nth_element(buf_.begin(), buf_.begin() + (cap_ - 1), buf_.end(), better_first);
+    std::nth_element(buf_.begin(), buf_.begin() + (cap_ - 1), buf_.end(), BetterFirst());
     buf_.resize(cap_);
     thr_ = buf_[cap_ - 1].first;
   }

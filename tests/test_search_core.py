@@ -70,10 +70,14 @@ def test_k_larger_than_n_and_offset():
     assert_exact(s, i - 1000, q, g, 13)
 
 
+@pytest.mark.parametrize("nq", [6, 37])
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_unrescored_scan_identical_across_isas(dtype):
-    """int8 sums are exact integers on every tier; bfloat16 products are exact (the query is rounded to bf16)."""
-    q, g = data(500, 77, 6)
+def test_unrescored_scan_identical_across_isas(dtype, nq):
+    """int8 sums are exact integers on every tier; bfloat16 products are exact (the query is rounded to bf16).
+
+    37 queries take the many-query kernels (packed int8 tiles on VNNI, widened bfloat16 tiles) with odd
+    sizes everywhere: D = 77 not a multiple of 4, 500 rows not a multiple of 16, 37 queries not of 8."""
+    q, g = data(500, 77, nq)
     stored, scale = quantize.encode(g, dtype)
     base = _search.search_shard(q, stored, dtype, 20, scale=scale, isa="scalar")
     for isa in ISAS[1:]:
