@@ -287,7 +287,7 @@ def train(
     teacher_store: Path = typer.Option(..., "--teacher-store", help="Teacher vectors of the training images (engine encode --train-set)"),
     train_set: Path = typer.Option(..., "--train-set", help="SfM-120k-format db.pkl"),
     images: Optional[Path] = typer.Option(None, "--images", help="The training images' ims/ or jpg/ folder (default: found beside db.pkl)"),
-    student: str = typer.Option("mobilenetv2", "--student", help="Student architecture"),
+    student: str = typer.Option("mobilenetv2", "--student", help="Student architecture, or a teacher name to fine-tune it (--mode sym)"),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint instead of an untrained student"),
     weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights file ('random' for random init)"),
     loss: str = typer.Option("regression", "--loss", help="regression, contrastive, contrastive+, triplet, multi-similarity, rkd, darkrank, csd"),

@@ -3,6 +3,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from engine.models import load_checkpoint
 
@@ -84,3 +85,22 @@ def test_frozen_trunk_trains_only_projection_and_head(tiny_train, teacher_store,
     for a, b in zip(trained.trunk.state_dict().values(), start.trunk.state_dict().values()):
         assert (a == b).all()
     assert not (trained.proj[0].weight == start.proj[0].weight).all()
+
+
+@pytest.mark.slow
+def test_sym_fine_tuning_of_a_teacher_moves_it_into_a_new_space(tiny_train, teacher_store, tmp_path, run_cli):
+    from engine.models import build_teacher, space_id
+
+    code, _, err = run_cli(*train_args(tiny_train, teacher_store, tmp_path / "r", "--student", "effnet-lite2-gem",
+                                       "--loss", "contrastive", "--mode", "asym"))
+    assert code != 0 and "--mode sym" in err
+    code, _, err = run_cli(*train_args(tiny_train, teacher_store, tmp_path / "run", "--student", "effnet-lite2-gem",
+                                       "--loss", "contrastive", "--mode", "sym", "--epochs", 1, "--lr", "1e-3",
+                                       "--query-size", 4, "--pool-size", 16))
+    assert code == 0, err
+    tuned = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    start = build_teacher("effnet-lite2-gem")
+    assert tuned.config["role"] == "teacher" and tuned.proj is None and tuned.dim == start.dim
+    assert tuned.space != start.space and tuned.space == space_id(tuned)
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.trunk.state_dict().values(), start.trunk.state_dict().values())]
+    assert any(changed)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.errors import EngineError
-from engine.models import Encoder, build_student, load_checkpoint, save_checkpoint
+from engine.models import TEACHERS, Encoder, build_student, build_teacher, load_checkpoint, save_checkpoint, space_id
 from engine.store import atomic_write_bytes
 
 from . import losses as L
@@ -41,7 +41,7 @@ MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up t
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
 
-    student: str = "mobilenetv2"
+    student: str = "mobilenetv2"  # a student architecture, or a teacher name to fine-tune it (--mode sym)
     weights: str | None = None  # backbone weights (None: packaged ImageNet weights)
     loss: str = "regression"
     mode: str = "asym"  # asym: refs are teacher vectors; sym: refs come from the student
@@ -72,6 +72,8 @@ class TrainConfig:
             raise EngineError(f"--mode must be asym or sym, got {self.mode!r}")
         if self.mode == "sym" and self.loss in KT_LOSSES | {"contrastive+"}:
             raise EngineError(f"{self.loss} transfers the teacher's knowledge: it has no symmetric form (use --mode asym)")
+        if self.student in TEACHERS and self.mode != "sym":
+            raise EngineError(f"{self.student} is a teacher: fine-tuning a teacher is symmetric (--mode sym)")
         if self.freeze not in ("bn", "trunk"):
             raise EngineError(f"--freeze must be bn or trunk, got {self.freeze!r}")
         if self.negatives not in ("hard", "random"):
@@ -119,6 +121,10 @@ class Trainer:
             self.student = load_checkpoint(init)
             if self.student.dim != data.dim:
                 raise EngineError(f"student outputs D = {self.student.dim}, the teacher store has D = {data.dim}", init)
+        elif cfg.student in TEACHERS:
+            # Retrieval fine-tuning of a teacher (as SfM-120k's teachers were): it starts in the store's
+            # space and leaves it with its first update, so checkpoints carry the new weights' space id.
+            self.student = build_teacher(cfg.student, cfg.weights)
         else:
             self.student = build_student(cfg.student, data.dim, data.space, cfg.weights)
         if self.student.space != data.space:
@@ -155,12 +161,17 @@ class Trainer:
         self.sched.load_state_dict(st["scheduler"])
         self.epoch, self.best = int(st["epoch"]), float(st["best"])
 
+    def _checkpoint(self, path: Path, extra: dict) -> None:
+        if self.student.config["role"] == "teacher":
+            self.student.config["space"] = space_id(self.student)
+        save_checkpoint(self.student, path, extra)
+
     def _save(self, metrics: dict) -> None:
         if self.rank != 0:
             return
         atomic_write_bytes(self.out / "config.json", json.dumps(asdict(self.cfg), indent=1).encode())
         extra = {"epoch": self.epoch, "metrics": metrics}
-        save_checkpoint(self.student, self.out / "last.safetensors", extra)
+        self._checkpoint(self.out / "last.safetensors", extra)
         tmp = self._state_path().with_suffix(".tmp")
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
                     "best": self.best}, tmp)
@@ -229,7 +240,7 @@ class Trainer:
         """Student descriptors from images, or from cached trunk maps when the trunk is frozen."""
         if self._maps is None:
             return self.student(x)
-        return self.student.head(self.student.proj(x))
+        return self.student.head(x if self.student.proj is None else self.student.proj(x))
 
     def _inputs(self, batches: list[list[int]]):
         """Per batch, what `_forward` takes: decoded images (a DataLoader), or the cached trunk maps."""
@@ -346,7 +357,7 @@ class Trainer:
                 score = metrics[f"val_{key}_mAP"]
                 if score > self.best:
                     self.best = score
-                    save_checkpoint(self.student, self.out / "best.safetensors", {"epoch": self.epoch, "metrics": metrics})
+                    self._checkpoint(self.out / "best.safetensors", {"epoch": self.epoch, "metrics": metrics})
             self._save(metrics)
         return metrics
 
