@@ -6,27 +6,32 @@ Every case's extra_info holds images_per_s at the median time. Two cases time pa
 interleaved so that load from other processes hits both alike, and assert the targets:
   - test_student_vs_resnet101_teacher: a student at 362 px on the default backend ("auto") encodes
     at least STUDENT_SPEEDUP times the images/s of the ResNet-101 teacher in eager torch;
-  - test_pipeline_vs_bare_forward: the `engine encode` loop (encode_items: decode + resize workers,
-    size bucketing, in-order output) on 24 real JPEG files at 1024 px costs at most PIPELINE_OVERHEAD
-    times the bare forward passes over the same decoded images in the same batches. Its fixed cost per
-    run (forking the decoding worker, whose copy-on-write faults hit the runner's activation memory)
-    is amortised over the images: a bulk encode of thousands pays it once.
+  - test_pipeline_vs_bare_forward: the whole `engine encode` path into a store (encode_to_store: job key,
+    decoding threads, size bucketing, batch assembly, forward, in-order output, shard + sha256 + manifest)
+    on 24 and on 96 real JPEG files at 1024 px costs at most PIPELINE_OVERHEAD times the bare forward
+    passes over the same images, decoded beforehand, in the same batches, on the same runner (built
+    once, as one `engine encode` run does; its set-up time is reported apart). The 24-image case also
+    times `--workers 0` (decoding between forward passes), which shows what the threads hide.
+    Its extra_info also holds each call's median process CPU seconds and minor page faults.
 ResNet-101 is random-init (no weights ship offline); its speed does not depend on its weights.
 """
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage import data
 
 from engine.backends import make_runner, resolve_backend
-from engine.encode import EncodeOptions, ShapeBuckets, encode_items
-from engine.images import load_image
+from engine.encode import EncodeOptions, ShapeBuckets, default_workers, encode_to_store, to_batch
+from engine.images import read_image
 from engine.models import ARCHS, Encoder, Head, build_student, build_teacher
 
 FULL = os.environ.get("AML_BENCH_FULL") == "1"
@@ -85,18 +90,31 @@ def test_encode(benchmark, cache, name, backend, side):
                                 images_per_s=round(batch / benchmark.stats.stats.median, 2))
 
 
-def _interleaved(benchmark, calls: dict, rounds: int) -> dict[str, float]:
-    """Time each call once per round, in turn, under one benchmark; returns each call's median seconds."""
-    times = {k: [] for k in calls}
+def _interleaved(benchmark, calls: dict, rounds: int) -> tuple[dict[str, float], dict[str, dict]]:
+    """Time each call once per round, in turn, under one benchmark.
+
+    Returns each call's median wall seconds, and its median process CPU seconds (all threads) and minor page
+    faults (copy-on-write and first-touch): under other processes' load the wall time swings, these do not.
+    Every other round runs the calls in reverse order (A B, B A, ...), so a load that rises or falls
+    during the run does not favour the call that comes first.
+    """
+    samples = {k: [] for k in calls}
+    order = list(calls)
 
     def one_round():
-        for k, fn in calls.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+        for k in order:
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            calls[k]()
+            t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+            samples[k].append((t1 - t0, cpu, r1.ru_minflt - r0.ru_minflt))
+        order.reverse()
 
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    return {k: statistics.median(v) for k, v in times.items()}
+    wall = {k: statistics.median(s[0] for s in v) for k, v in samples.items()}
+    usage = {k: {"cpu_s": round(statistics.median(s[1] for s in v), 2), "minor_faults": int(statistics.median(s[2] for s in v))}
+             for k, v in samples.items()}
+    return wall, usage
 
 
 @pytest.mark.parametrize("student", ["mobilenetv2", "effnet-lite0"] if FULL else ["mobilenetv2"])
@@ -105,7 +123,7 @@ def test_student_vs_resnet101_teacher(benchmark, cache, student):
     fast = make_runner(model(student), "auto", cache_dir=cache)
     slow = make_runner(model("resnet101-gem"), "torch", channels_last=False)  # eager torch, as is
     fast(x), slow(x)
-    med = _interleaved(benchmark, {"student": lambda: fast(x), "teacher": lambda: slow(x)}, rounds=3)
+    med, _ = _interleaved(benchmark, {"student": lambda: fast(x), "teacher": lambda: slow(x)}, rounds=3)
     ratio = med["teacher"] / med["student"]
     benchmark.extra_info.update(student=student, student_backend=resolve_backend("auto"), side=362, batch=BATCH,
                                 student_images_per_s=round(BATCH / med["student"], 2),
@@ -115,48 +133,64 @@ def test_student_vs_resnet101_teacher(benchmark, cache, student):
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> list:
-    """24 real photographs as JPEG files at 1024 px (longer side): scikit-image's six, each in four mirrorings."""
+    """96 real photographs as JPEG files at 1024 px (longer side): scikit-image's six, each in four mirrorings,
+    each saved at four JPEG qualities (distinct files, equal sizes: the pipeline can batch them)."""
     root = tmp_path_factory.mktemp("jpegs")
     paths = []
     flips = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"):
-        img = Image.fromarray(getattr(data, name)())
-        scale = 1024 / max(img.size)
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
-        for k, flip in enumerate(flips):
-            paths.append(root / f"{name}_{k}.jpg")
-            (img if flip is None else img.transpose(flip)).save(paths[-1], quality=90)
+    for quality in (90, 85, 80, 75):
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"):
+            img = Image.fromarray(getattr(data, name)())
+            scale = 1024 / max(img.size)
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+            for k, flip in enumerate(flips):
+                paths.append(root / f"{name}_{k}_q{quality}.jpg")
+                (img if flip is None else img.transpose(flip)).save(paths[-1], quality=quality)
     return paths
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "effnet-lite2-gem"] if FULL else ["mobilenetv2"])
-def test_pipeline_vs_bare_forward(benchmark, cache, jpegs, name):
+def pipeline_cases() -> list[tuple[str, int, int]]:
+    cases = [("mobilenetv2", 1024, 24), ("mobilenetv2", 1024, 96)]
+    return cases + [("mobilenetv2", 362, 96), ("effnet-lite2-gem", 1024, 96)] if FULL else cases
+
+
+@pytest.mark.parametrize("name,side,count", pipeline_cases(), ids=lambda v: str(v))
+def test_pipeline_vs_bare_forward(benchmark, cache, tmp_path, jpegs, name, side, count):
     enc = model(name)
-    opts = EncodeOptions(max_side=1024, batch_size=4, workers=1, progress=False)
+    opts = EncodeOptions(max_side=side, batch_size=4, workers=default_workers(), progress=False)
     t0 = time.perf_counter()
     runner = make_runner(enc, opts.backend, cache_dir=cache)  # once per `engine encode` run: not per image
     setup = time.perf_counter() - t0
-    items = [(p, None) for p in jpegs]
+    items = [(p, None) for p in jpegs[:count]]
+    names = [p.name for p, _ in items]
     # The bare forward: the same images, decoded beforehand, in the batches the pipeline forms.
     buckets = ShapeBuckets(opts.batch_size, opts.window * opts.batch_size)
     for i, (p, _) in enumerate(items):
-        buckets.add(i, load_image(p, opts.max_side))
-    batches = [torch.stack([img for _, img in g]) for g in buckets.pop_ready(flush=True)]
+        buckets.add(i, read_image(p, opts.max_side))
+    groups = buckets.pop_ready(flush=True)
+    batches = [to_batch([img for _, img in g], runner.device) for g in groups]
+    bare_vecs = {}
 
     def bare():
-        for x in batches:
-            runner(x)
+        for g, x in zip(groups, batches):
+            bare_vecs.update(zip((i for i, _ in g), runner(x).numpy()))
 
-    def pipeline():
-        for _ in encode_items(enc, items, opts, runner):
-            pass
+    def pipeline(workers: int):
+        return lambda: encode_to_store(enc, items, names, tmp_path / f"w{workers}.store",
+                                       replace(opts, workers=workers), overwrite=True, runner=runner)
 
     bare()  # warm-up at every shape
-    med = _interleaved(benchmark, {"pipeline": pipeline, "bare": bare}, rounds=3)
+    calls = {"pipeline": pipeline(opts.workers), "bare": bare}
+    if count <= 24:
+        calls["workers0"] = pipeline(0)
+    med, usage = _interleaved(benchmark, calls, rounds=6 if count <= 24 else 4)
     ratio = med["pipeline"] / med["bare"]
-    benchmark.extra_info.update(model=name, backend=runner.backend, images=len(items), batches=len(batches),
-                                pipeline_images_per_s=round(len(items) / med["pipeline"], 2),
-                                bare_images_per_s=round(len(items) / med["bare"], 2),
-                                overhead=round(ratio, 3), runner_setup_s=round(setup, 2))
-    assert len(batches) < len(items)  # equal sizes did share batches
-    assert ratio <= PIPELINE_OVERHEAD, f"encode_items takes {ratio:.2f}x the bare forward time"
+    benchmark.extra_info.update(model=name, backend=runner.backend, side=side, images=count, batches=len(batches),
+                                workers=opts.workers, runner_setup_s=round(setup, 2), load_avg_1min=os.getloadavg()[0],
+                                **{f"{k}_images_per_s": round(count / v, 2) for k, v in med.items()},
+                                **{f"{k}_vs_bare": round(v / med["bare"], 3) for k, v in med.items() if k != "bare"},
+                                usage=usage)
+    assert len(batches) < count  # equal sizes did share batches
+    stored = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}.store", opts).vectors()
+    np.testing.assert_allclose(stored, np.stack([bare_vecs[i] for i in range(count)]), atol=1e-5)
+    assert ratio <= PIPELINE_OVERHEAD, f"engine encode takes {ratio:.2f}x the bare forward time"

@@ -1,8 +1,13 @@
-"""Encoding images into vectors: a DataLoader decodes in parallel with inference, results go to a store or an .npy.
+"""Encoding images into vectors: threads decode while the runner infers, results go to a store or an .npy.
 
 `encode_items` is the one loop; `encode_to_store` (resumable, shard by shard) and
 `encode_to_array` are its two sinks. Items are (path, bbx or None) pairs: queries
 carry their box and are cropped before encoding.
+
+Decoding runs in threads, not forked processes: Pillow releases the GIL while it decodes and
+resizes, and a forked worker cost more than it hid (bench/bench_encode.py, bench/RESULTS.md): its
+start-up, the shared-memory hand-over of every image, and copy-on-write faults on the parent's
+pages (the runner's activations) for as long as it lived.
 """
 from __future__ import annotations
 
@@ -10,18 +15,20 @@ import hashlib
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
 
 from .backends import Runner, make_runner
 from .errors import EngineError
-from .images import DEFAULT_MAX_SIDE, load_image
+from .images import DEFAULT_MAX_SIDE, read_image
 from .models import Encoder, weights_hash
 from .store import (
     DEFAULT_SHARD_ROWS,
@@ -41,6 +48,7 @@ Item = tuple[Path, Sequence[float] | None]
 class EncodeOptions:
     """How images become vectors. scales: multi-scale factors (METHOD.md), 1.0 alone for single scale.
 
+    workers: decoding threads (0: decode in the calling thread, between forward passes).
     backend: the runner (engine.backends: "auto", "torch", "onnxruntime", "tensorrt"); compile: torch.compile
     for the torch backend; cache_dir: where exported ONNX / TensorRT files are cached (None: the default).
     window: decoded images held back at most, in batches, to gather batches of one image size.
@@ -64,26 +72,55 @@ class EncodeOptions:
         return {"max_side": self.max_side, "scales": list(self.scales)}
 
 
-class ItemDataset(Dataset):
-    """Decodes item i; a failure is returned as a message (so the main process can name or skip it), not raised."""
-
-    def __init__(self, items: Sequence[Item], max_side: int):
-        self.items = items
-        self.max_side = max_side
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        path, bbx = self.items[i]
-        try:
-            return i, load_image(path, self.max_side, bbx), None
-        except EngineError as e:
-            return i, None, str(e)
+def _read(item: Item, max_side: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode one item; a failure is returned as a message (so the caller can name or skip it), not raised."""
+    try:
+        return read_image(item[0], max_side, item[1]), None
+    except EngineError as e:
+        return None, str(e)
 
 
-def _collate(batch):
-    return batch
+def decode_in_order(
+    items: Sequence[Item], max_side: int, workers: int, ahead: int
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Yield (index, H x W x 3 uint8 image or None, error or None) for every item, in order.
+
+    workers > 0: that many threads decode up to `ahead` items past the one being consumed, overlapping the
+    consumer's work; 0: each item is decoded when it is asked for. Closing the generator cancels what is queued.
+    """
+    if workers <= 0:
+        for i, item in enumerate(items):
+            yield i, *_read(item, max_side)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="aml-decode")
+    queue: deque = deque()
+    try:
+        for i, item in enumerate(items):
+            queue.append((i, pool.submit(_read, item, max_side)))
+            if len(queue) > ahead:
+                j, done = queue.popleft()
+                yield j, *done.result()
+        while queue:
+            j, done = queue.popleft()
+            yield j, *done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def to_batch(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Same-sized H x W x 3 uint8 images -> B x 3 x H x W float32 in [0, 1] on `device` (load_image's values).
+
+    CUDA: the pixels cross as uint8 (a quarter of float32's bytes) from pinned memory, asynchronously, and
+    are scaled there. CPU: contiguous NCHW, which onnxruntime takes without another copy, in one numpy pass
+    per image (cast, reorder and divide: 2-3x faster than torch's strided uint8 -> float copy and a division).
+    """
+    if device.type == "cuda":
+        u8 = torch.from_numpy(np.stack(images)).pin_memory().to(device, non_blocking=True)
+        return u8.permute(0, 3, 1, 2).float().div_(255.0)
+    out = np.empty((len(images), 3, *images[0].shape[:2]), np.float32)
+    for k, img in enumerate(images):
+        np.divide(img.transpose(2, 0, 1), np.float32(255.0), out=out[k], dtype=np.float32)
+    return torch.from_numpy(out)
 
 
 @torch.no_grad()
@@ -131,15 +168,15 @@ class ShapeBuckets:
     def __init__(self, batch_size: int, window: int):
         self.batch_size = max(1, batch_size)
         self.window = max(self.batch_size, window)
-        self.groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self.groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         self.count = 0
 
-    def add(self, i: int, img: torch.Tensor) -> None:
-        """Queue item i's image (3 x H x W)."""
+    def add(self, i: int, img: np.ndarray | torch.Tensor) -> None:
+        """Queue item i's image (any array with a `shape`: H x W x 3 uint8 in `encode_items`)."""
         self.groups.setdefault(tuple(img.shape), []).append((i, img))
         self.count += 1
 
-    def pop_ready(self, flush: bool = False) -> list[list[tuple[int, torch.Tensor]]]:
+    def pop_ready(self, flush: bool = False) -> list[list[tuple[int, np.ndarray]]]:
         """Groups of (item index, image) to run now: full batches, then the oldest buckets past the window (all if flush)."""
         out = []
         for shape in list(self.groups):
@@ -164,32 +201,23 @@ def encode_items(
     """Yield (index, vector (D,) float32 or None, error or None) for every item, in order.
 
     A failed item raises EngineError unless `opts.skip_bad`, in which case it is yielded with its error.
-    DataLoader workers decode and resize while the runner (`opts.backend`, or `runner` when given) encodes;
+    `opts.workers` threads decode and resize while the runner (`opts.backend`, or `runner` when given) encodes;
     images of equal size are gathered across up to `opts.window` batches to share forward passes.
     """
-    device = torch.device(opts.device)
     if runner is None:
-        runner = make_runner(encoder, opts.backend, device, compile=opts.compile, cache_dir=opts.cache_dir)
-    to_gpu = runner.device.type == "cuda"
-    loader = DataLoader(
-        ItemDataset(items, opts.max_side),
-        batch_size=opts.batch_size,
-        num_workers=opts.workers,
-        collate_fn=_collate,
-        pin_memory=to_gpu,  # pinned pages let the per-image copies below run asynchronously
-        persistent_workers=False,
-    )
+        runner = make_runner(encoder, opts.backend, torch.device(opts.device), compile=opts.compile, cache_dir=opts.cache_dir)
     buckets = ShapeBuckets(opts.batch_size, opts.window * opts.batch_size)
     results: dict[int, tuple] = {}
     next_i = 0
-    with _progress(opts, len(items)) as bar:
+    # Decoded images queued ahead: the next batches are ready when a forward pass ends.
+    ahead = 2 * max(opts.batch_size, opts.workers)
+    with _progress(opts, len(items)) as bar, closing(decode_in_order(items, opts.max_side, opts.workers, ahead)) as decoded:
         task = bar.add_task(opts.label, total=len(items), rate="")
 
         def run(groups):
             for group in groups:
-                imgs = [img.to(runner.device, non_blocking=True) for _, img in group] if to_gpu else [img for _, img in group]
-                vecs = describe(encoder, torch.stack(imgs), opts.scales, runner).float().cpu().numpy()
-                for (i, _), v in zip(group, vecs):
+                vecs = describe(encoder, to_batch([img for _, img in group], runner.device), opts.scales, runner)
+                for (i, _), v in zip(group, vecs.float().cpu().numpy()):
                     results[i] = (v, None)
 
         def drain():
@@ -199,27 +227,32 @@ def encode_items(
             while next_i in results:
                 yield next_i, *results.pop(next_i)
                 next_i += 1
-            elapsed = bar.tasks[task].elapsed or 0.0
-            bar.update(task, advance=next_i - start, rate=f"{next_i / elapsed:.1f} img/s" if elapsed > 0 else "")
+            if next_i > start:
+                elapsed = bar.tasks[task].elapsed or 0.0
+                bar.update(task, advance=next_i - start, rate=f"{next_i / elapsed:.1f} img/s" if elapsed > 0 else "")
 
-        for batch in loader:
-            for i, img, err in batch:
-                if err is None:
-                    buckets.add(i, img)
-                elif opts.skip_bad:
-                    results[i] = (None, err)
-                else:
-                    raise EngineError(err + " (pass --skip-bad to record it and go on)")
+        for i, img, err in decoded:
+            if err is None:
+                buckets.add(i, img)
+            elif opts.skip_bad:
+                results[i] = (None, err)
+            else:
+                raise EngineError(err + " (pass --skip-bad to record it and go on)")
             run(buckets.pop_ready())
             yield from drain()
         run(buckets.pop_ready(flush=True))
         yield from drain()
 
 
-def encode_to_array(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions) -> tuple[np.ndarray, list[int], list[dict]]:
-    """All items in memory: (vectors N' x D float32, indices of the encoded items, skipped [{item, path, error}])."""
+def encode_to_array(
+    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """All items in memory: (vectors N' x D float32, indices of the encoded items, skipped [{item, path, error}]).
+
+    runner: an already built runner (engine.backends.make_runner) to reuse; None: one is made from `opts`.
+    """
     vecs, kept, skipped = [], [], []
-    for i, v, err in encode_items(encoder, items, opts):
+    for i, v, err in encode_items(encoder, items, opts, runner):
         if v is None:
             skipped.append({"item": i, "path": str(items[i][0]), "error": err})
         else:
@@ -249,11 +282,13 @@ def encode_to_store(
     dtype: str = "float32",
     overwrite: bool = False,
     rebuild_stale: bool = False,
+    runner: Runner | None = None,
 ) -> Store:
     """Encode items into a store shard by shard; rerunning after an interruption resumes at the first missing shard.
 
     A complete store of the same job is returned as it is. A store of another job (other weights, images or
     resolution) is an error, or is rebuilt with `rebuild_stale` (for folders the caller owns as a cache).
+    runner: an already built runner to reuse; None: one is made from `opts`.
     """
     if len(items) == 0:
         raise EngineError("nothing to encode: the image list is empty")
@@ -269,7 +304,7 @@ def encode_to_store(
     pending = list(range(start, len(items)))
     vecs, kept, skipped = [], [], []
     shard_start = start
-    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts)):
+    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner)):
         i = pending[pos]
         if v is None:
             skipped.append({"item": i, "path": str(items[i][0]), "error": err})
@@ -327,5 +362,5 @@ def load_vectors(path: str | Path) -> tuple[np.ndarray, dict]:
 
 
 def default_workers() -> int:
-    """Decoding workers: one per two cores, at least one, so inference keeps the rest."""
+    """Decoding threads: one per two cores, at least one, so inference keeps the rest."""
     return max(1, (os.cpu_count() or 2) // 2)

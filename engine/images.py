@@ -58,10 +58,11 @@ def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
 
 
-def load_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence[float] | None = None) -> torch.Tensor:
-    """An image as a 3 x H x W float32 tensor in [0, 1]: cropped to `bbx` (x1, y1, x2, y2) first, then resized.
+def read_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence[float] | None = None) -> np.ndarray:
+    """An image as an H x W x 3 uint8 RGB array: cropped to `bbx` (x1, y1, x2, y2) first, then resized.
 
     The longer side is brought down to `max_side` (never up, as cirtorch does), the shorter up to MIN_SIDE.
+    Pillow releases the GIL while decoding and resizing, so threads read images in parallel.
     """
     img = open_rgb(path)
     if bbx is not None:
@@ -74,7 +75,12 @@ def load_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence
     size = fit_size(img.width, img.height, max_side)
     if size != img.size:
         img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-    arr = np.asarray(img, dtype=np.uint8)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence[float] | None = None) -> torch.Tensor:
+    """An image as a 3 x H x W float32 tensor in [0, 1]: `read_image` (crop, resize) scaled by 1/255."""
+    arr = read_image(path, max_side, bbx)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

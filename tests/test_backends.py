@@ -1,6 +1,7 @@
 """Runners: every backend gives eager torch's descriptors; "auto" resolution; the export cache; the encode pipeline."""
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from test_export import photos  # one helper for both files: real photographs at
 
 from engine import backends
 from engine.backends import cache_key, cached_onnx, make_runner, prune_cache, resolve_backend
-from engine.encode import EncodeOptions, ShapeBuckets, describe, encode_to_array
+from engine.encode import EncodeOptions, ShapeBuckets, describe, encode_items, encode_to_array, to_batch
 from engine.errors import EngineError
+from engine.images import load_image, read_image
 from engine.models import build_student
 
 
@@ -138,9 +140,32 @@ def test_encode_pipeline_backends_agree_and_keep_order(student, cache, jpegs):
     assert [s["item"] for s in skipped] == [3] and "3.jpg" in skipped[0]["error"]
     np.testing.assert_allclose(v_ort, v_torch, atol=1e-4)
     # Each vector is its own image's, whatever batch it shared: compare with one-by-one eager encoding.
-    from engine.images import load_image
-
     for row, i in enumerate(kept):
         np.testing.assert_allclose(v_torch[row], eager(student, load_image(jpegs[i], 128)[None])[0], atol=1e-4)
     with pytest.raises(EngineError, match="3.jpg"):
         encode_to_array(student, items, EncodeOptions(backend="torch", **{**base, "skip_bad": False}))
+
+
+def test_to_batch_gives_load_image_values(jpegs):
+    same_size = [jpegs[i] for i in (0, 5, 7)]  # the astronaut and two of its mirrorings
+    x = to_batch([read_image(p, 100) for p in same_size], torch.device("cpu"))
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.shape == (3, 3, 100, 100)
+    assert torch.equal(x, torch.stack([load_image(p, 100) for p in same_size]))
+
+
+def test_decoding_threads_give_inline_decodings_results(student, jpegs):
+    # boxes on every other item, a bad file (3), three image sizes, a window that forces part-full batches
+    items = [(p, [20, 10, 400, 300] if i % 2 else None) for i, p in enumerate(jpegs)]
+    base = dict(max_side=96, batch_size=3, skip_bad=True, progress=False, window=1)
+    runner = make_runner(student, "torch", channels_last=False)
+    vecs, kept, skipped = encode_to_array(student, items, EncodeOptions(workers=0, **base), runner)
+    assert kept == [0, 1, 2, 4, 5, 6, 7] and [s["item"] for s in skipped] == [3]
+    np.testing.assert_allclose(vecs[1], eager(student, load_image(jpegs[1], 96, [20, 10, 400, 300])[None])[0], atol=1e-4)
+    for workers in (1, 3):
+        got = encode_to_array(student, items, EncodeOptions(workers=workers, **base), runner)
+        np.testing.assert_array_equal(got[0], vecs)  # same batches in the same order: bit-identical
+        assert got[1:] == (kept, skipped)
+    stream = encode_items(student, items, EncodeOptions(workers=2, **base), runner)
+    next(stream)
+    stream.close()  # a consumer that stops early: queued decodes are cancelled, the threads end
+    assert not [t for t in threading.enumerate() if t.name.startswith("aml-decode")]
