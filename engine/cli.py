@@ -272,12 +272,15 @@ def data_views(
     photos: Optional[Path] = typer.Option(None, "--photos", help="A folder of photographs (default: those shipped in packages)"),
     difficulty: str = typer.Option("medium", "--difficulty"),
     seed: int = typer.Option(0, "--seed"),
+    train_views: int = typer.Option(24, "--train-views", help="Views per training scene (the test split does not change)"),
+    train_fraction: float = typer.Option(0.4, "--train-fraction", help="Share of the photographs that become training scenes"),
 ):
     """Build the offline instance-retrieval benchmark from real photographs."""
     from .datasets.photos import photos_in
     from .datasets.views import build_views
 
-    info = build_views(out_dir, photos=photos_in(photos) if photos else None, difficulty=difficulty, seed=seed)
+    info = build_views(out_dir, photos=photos_in(photos) if photos else None, difficulty=difficulty, seed=seed,
+                       n_train=train_views, train_fraction=train_fraction)
     console.print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))}))
 
 

@@ -186,6 +186,21 @@ def test_same_seed_same_files(built, photo_dir, tmp_path):
     assert all((tmp_path / "jpg" / n).read_bytes() == (out / "jpg" / n).read_bytes() for n in names)
 
 
+def test_more_training_views_leave_the_test_split_unchanged(built, photo_dir, tmp_path, run_cli):
+    out, info = built
+    photo_args = ["--photos", photo_dir, "--seed", 7, "--difficulty", info["difficulty"]]
+    more = {**SMALL, "n_train": SMALL["n_train"] + 5}
+    again = build_views(tmp_path, photos=photos_in(photo_dir), seed=7, **more)
+    assert again["counts"]["train"]["images"] == info["counts"]["train"]["images"] + 5 * info["counts"]["scenes"]["train"]
+    assert (tmp_path / "test/gnd.pkl").read_bytes() == (out / "test/gnd.pkl").read_bytes()
+    test_jpgs = sorted(p.name for p in (out / "jpg").glob("test_*"))
+    assert all((tmp_path / "jpg" / n).read_bytes() == (out / "jpg" / n).read_bytes() for n in test_jpgs)
+    code, _, err = run_cli("data", "views", "--out", tmp_path / "cli", *photo_args, "--train-views", 2, "--train-fraction", 0.5)
+    assert code == 0, err
+    assert json.loads((tmp_path / "cli" / "info.json").read_text())["counts"]["train"]["images"] == 2 * sum(
+        p["split"] == "train" for p in json.loads((tmp_path / "cli" / "info.json").read_text())["photos"])
+
+
 def test_other_seed_other_views(built, photo_dir, tmp_path):
     out, _ = built
     build_views(tmp_path, photos=photos_in(photo_dir), seed=8, **SMALL)
