@@ -59,14 +59,56 @@ AML_FN float sum_f(__m512 v) {
   return _mm512_cvtss_f32(v);
 }
 
+// The packed float32 kernel's lane vector (packed_f32.h): 12 queries x 32 rows = 24 accumulators of 32 zmm.
+struct PF32 {
+  static constexpr int L = 16, M = 12, J = 2;
+  using V = __m512;
+  AML_FN V zero() { return _mm512_setzero_ps(); }
+  AML_FN V load(const float* p) { return _mm512_loadu_ps(p); }
+  AML_FN V splat(float x) { return _mm512_set1_ps(x); }
+  AML_FN V fma(V a, V q, V g) { return _mm512_fmadd_ps(q, g, a); }
+  AML_FN void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  AML_FN unsigned at_least(const float* s, float thr, unsigned lanes) {
+    const __mmask16 valid = static_cast<__mmask16>((1u << lanes) - 1);
+    return _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_GE_OQ);
+  }
+  // dst[c * stride + i] = src[i][c] for i, c < 16: a 16 x 16 transpose in registers (4 shuffle stages; the
+  // element-wise copy was a store per float, a third of a 64-query scan at D = 2048).
+  AML_FN void block(const float* const* src, float* dst, int64_t stride) {
+    __m512 r[16], t[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i]);
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 16; i += 4) {
+      const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+      const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c)), r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d)), r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    // r[4g + k] now holds, in 128-bit lane l, columns 4l + k of rows 4g..4g+3
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), t[4 + k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+      t[8 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), t[12 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      _mm512_storeu_ps(dst + k * stride, _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88));
+      _mm512_storeu_ps(dst + (k + 8) * stride, _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd));
+    }
+  }
+};
+
 struct KF32 {
   static constexpr Dtype kKind = Dtype::float32;
   static constexpr int W = 16;
   static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = false;
+  static constexpr bool kPackF32 = true;
   using G = float; using Qt = float; using V = __m512; using QV = __m512; using GV = __m512; using Acc = float;
   AML_FN __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1); }
   AML_FN V zero() { return _mm512_setzero_ps(); }
@@ -85,7 +127,6 @@ struct KF32 {
 
 struct KF16 : KF32 {
   static constexpr Dtype kKind = Dtype::float16;
-  static constexpr bool kWidens = true;
   using G = uint16_t;
   AML_FN GV lg(const G* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   AML_FN GV lg_tail(const G* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
@@ -94,7 +135,6 @@ struct KF16 : KF32 {
 // bfloat16 -> float32 is a 16-bit shift; the product with a bf16-rounded query is exact in float32.
 struct KBF16Shift : KF32 {
   static constexpr Dtype kKind = Dtype::bfloat16;
-  static constexpr bool kWidens = true;
   using G = uint16_t;
   AML_FN GV widen(__m256i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)); }
   AML_FN GV lg(const G* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -108,8 +148,8 @@ struct KI8Madd {
   static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = false;
+  static constexpr bool kPackF32 = false;
   using G = int8_t; using Qt = int16_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
@@ -136,8 +176,8 @@ struct KI8Vnni {
   static constexpr int32_t kXorBias = 128;
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = true;
+  static constexpr bool kPackF32 = false;
   using G = int8_t; using Qt = int8_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "pool.h"
 #include "scan.h"
@@ -28,14 +29,33 @@ AML_FN float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The packed float32 kernel's lane vector (packed_f32.h): 6 queries x 16 rows = 12 accumulators of 16 ymm.
+struct PF32 {
+  static constexpr int L = 8, M = 6, J = 2;
+  using V = __m256;
+  AML_FN V zero() { return _mm256_setzero_ps(); }
+  AML_FN V load(const float* p) { return _mm256_loadu_ps(p); }
+  AML_FN V splat(float x) { return _mm256_set1_ps(x); }
+  AML_FN V fma(V a, V q, V g) { return _mm256_fmadd_ps(q, g, a); }
+  AML_FN void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  AML_FN unsigned at_least(const float* s, float thr, unsigned lanes) {
+    const unsigned ge = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s), _mm256_set1_ps(thr), _CMP_GE_OQ)));
+    return ge & ((1u << lanes) - 1);
+  }
+  AML_FN void block(const float* const* src, float* dst, int64_t stride) {  // an L x L transpose
+    for (int c = 0; c < L; ++c)
+      for (int i = 0; i < L; ++i) dst[c * stride + i] = src[i][c];
+  }
+};
+
 struct KF32 {
   static constexpr Dtype kKind = Dtype::float32;
   static constexpr int W = 8;
   static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 2;  // 16 ymm registers: 4 x 2 accumulators leave room for loads
   static constexpr bool kSumTile = false;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = false;
+  static constexpr bool kPackF32 = true;
   using G = float; using Qt = float; using V = __m256; using QV = __m256; using GV = __m256; using Acc = float;
   AML_FN V zero() { return _mm256_setzero_ps(); }
   AML_FN QV lq(const Qt* p) { return _mm256_loadu_ps(p); }
@@ -49,7 +69,6 @@ struct KF32 {
 
 struct KF16 : KF32 {
   static constexpr Dtype kKind = Dtype::float16;
-  static constexpr bool kWidens = true;
   using G = uint16_t;
   AML_FN GV lg(const G* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   AML_FN GV lg_tail(const G* p, int n) { alignas(32) G b[W]; tail_copy<G, W>(b, p, n); return lg(b); }
@@ -57,7 +76,6 @@ struct KF16 : KF32 {
 
 struct KBF16 : KF32 {
   static constexpr Dtype kKind = Dtype::bfloat16;
-  static constexpr bool kWidens = true;
   using G = uint16_t;
   AML_FN GV lg(const G* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -72,8 +90,8 @@ struct KI8 {
   static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 2;  // 16 ymm registers: 4 x 2 accumulators leave room for loads
   static constexpr bool kSumTile = false;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = false;
+  static constexpr bool kPackF32 = false;
   using G = int8_t; using Qt = int16_t; using V = __m256i; using QV = __m256i; using GV = __m256i; using Acc = int32_t;
   AML_FN V zero() { return _mm256_setzero_si256(); }
   AML_FN QV lq(const Qt* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -90,5 +108,6 @@ struct KI8 {
 };
 
 #include "scan_body.h"
+#include "packed_f32.h"
 
 }  // namespace aml::avx2

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "pool.h"
 #include "scan.h"
@@ -15,6 +16,7 @@ namespace aml::avx512 {
 using KBF16 = KBF16Shift;
 using KI8 = KI8Madd;
 #include "scan_body.h"
+#include "packed_f32.h"
 #undef AML_TARGET
 #undef AML_INLINE
 #undef AML_FN
@@ -29,6 +31,7 @@ namespace aml::avx512_vnni {
 using KBF16 = KBF16Shift;
 using KI8 = KI8Vnni;
 #include "scan_body.h"
+#include "packed_f32.h"
 #include "packed_vnni.h"
 #undef AML_TARGET
 #undef AML_INLINE
@@ -49,8 +52,8 @@ struct KBF16Dot {
   static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = false;
+  static constexpr bool kPackF32 = false;  // its queries are bf16 bits; vdpbf16ps already doubles the rate
   using G = uint16_t; using Qt = uint16_t; using V = __m512; using QV = __m512i; using GV = __m512i; using Acc = float;
   AML_FN V zero() { return _mm512_setzero_ps(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
@@ -67,6 +70,7 @@ struct KBF16Dot {
 using KBF16 = KBF16Dot;
 using KI8 = KI8Vnni;
 #include "scan_body.h"
+#include "packed_f32.h"
 #include "packed_vnni.h"
 #undef AML_TARGET
 #undef AML_INLINE

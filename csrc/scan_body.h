@@ -7,9 +7,9 @@
 //   zero(), lq(p), lg(p), lg_tail(p, n) (n < W valid elements), madd(acc, q, g),
 //   sum(acc) -> Acc, qconv(float) -> Qt, kRows (gallery rows per register tile) and kSumTile: whether
 //   sum_tile(acc, out) reduces a whole 4 x 4 tile at once (it must round exactly as sum() does) and
-//   tile_scores() gives its scores and the mask of those that may enter their heaps, kWidens:
-//   whether tiles may be widened to float32 once for many queries (then st(float*, GV) stores a loaded row),
-//   kPacks: whether many queries use the tier's packed kernel (scan_packed_block, defined by the tier).
+//   tile_scores() gives its scores and the mask of those that may enter their heaps, kPacks: whether many
+//   queries use the tier's packed kernel (scan_packed_block, defined by the tier), kPackF32: whether they use
+//   the packed float32 kernel of packed_f32.h (float queries; lg() gives float32 vectors, st(float*, GV) stores one).
 // No include guard: each tier includes it once into its own namespace.
 
 constexpr int64_t kQueryPad = 64;       // queries are zero-padded to a multiple of every W
@@ -20,12 +20,24 @@ constexpr int64_t kQueryBlock = 256;    // queries sharing one pass over a tile
 // ~1 KiB (D = 512 float16), which left single-query scans at half the read bandwidth.
 constexpr int64_t kPrefetchBytes = 4096;
 
+// From this many queries in a block, scans go through a packed tile (K::kPacks: the tier's own kernel, else
+// K::kPackF32: packed_f32.h); fewer scan rows as stored.
+constexpr int64_t kPackQueries = 16;
+// Packed float scans repack their rows once per query block, so they take blocks this large when the rows
+// alone can give every thread work.
+constexpr int64_t kPackQueryBlock = 1024;
+// Row chunks (tasks) are at least this long.
+constexpr int64_t kMinChunkRows = 2048;
+
 template <class Qt>
 struct Prepared {
   int64_t dp = 0;
   std::vector<Qt> q;            // nq x dp, through the scanned dtype's codec
   std::vector<float> scale;     // int8: per-query scale
   std::vector<int32_t> bias;    // int8: the exact integer offset the kernel adds
+  // K::kPackF32 with many queries: panels of PF32::M queries, column-major (query i, column c at
+  // ((i / M) * d + c) * M + i % M; zero past nq), read by packed_f32.h.
+  std::vector<float> packed;
 };
 
 // Rows handed to the register tiles: shard row r starts at base + (r - first) * stride.
@@ -38,8 +50,9 @@ struct Rows {
 };
 
 // Queries through the codec of the scanned copy, so every tier computes the same products.
+// With `pack` (K::kPackF32 and enough queries for the packed kernel) also fills p.packed.
 template <class K>
-Prepared<typename K::Qt> prepare(const ScanJob& j) {
+Prepared<typename K::Qt> prepare(const ScanJob& j, bool pack) {
   Prepared<typename K::Qt> p;
   p.dp = (j.d + kQueryPad - 1) / kQueryPad * kQueryPad;
   p.q.assign(static_cast<size_t>(j.nq * p.dp), typename K::Qt(0));
@@ -64,6 +77,14 @@ Prepared<typename K::Qt> prepare(const ScanJob& j) {
       for (int64_t c = 0; c < j.d; ++c) o[c] = K::qconv(bf16_bits_to_float(float_to_bf16_bits(x[c])));
     } else {
       for (int64_t c = 0; c < j.d; ++c) o[c] = K::qconv(x[c]);
+    }
+  }
+  if constexpr (K::kPackF32) {
+    if (pack) {
+      constexpr int64_t M = PF32::M;
+      p.packed.assign(static_cast<size_t>((j.nq + M - 1) / M * M * j.d), 0.f);
+      for (int64_t i = 0; i < j.nq; ++i)
+        for (int64_t c = 0; c < j.d; ++c) p.packed[((i / M) * j.d + c) * M + i % M] = p.q[i * p.dp + c];
     }
   }
   return p;
@@ -195,35 +216,15 @@ void scan_groups(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& r
   }
 }
 
-// float16 / bfloat16 rows widened to float32 once per tile, zero-padded to dp (exact zeros add nothing), so
-// many queries pay the conversion once instead of once per group of four.
-template <class K>
-AML_TARGET void widen_tile(const typename K::G* src, int64_t rows, int64_t d, int64_t dp, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const typename K::G* s = src + r * d;
-    float* o = dst + r * dp;
-    int64_t c = 0;
-    const char* pf = reinterpret_cast<const char*>(s) + kPrefetchBytes;
-    constexpr int64_t step = static_cast<int64_t>(K::W) * sizeof(typename K::G);
-    for (; c + K::W <= d; c += K::W, pf += step) {
-      if (c * static_cast<int64_t>(sizeof(typename K::G)) % 64 == 0) __builtin_prefetch(pf, 0, 3);
-      K::st(o + c, K::lg(s + c));
-    }
-    if (c < d) {
-      K::st(o + c, K::lg_tail(s + c, static_cast<int>(d - c)));
-      c += K::W;
-    }
-    for (; c < dp; c += K::W) K::st(o + c, K::zero());
-  }
-}
-
-// Widened float32 scans and packed tiles pay off from this many queries in a block; fewer scan rows as stored.
-constexpr int64_t kWidenQueries = 16;
-
 // Queries [q0, q1) against rows [r0, r1) through a packed copy of each tile (tiers whose K::kPacks).
 template <class K>
 AML_TARGET void scan_packed_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1, int64_t r0,
                        int64_t r1, int64_t tile_rows, TopK* heaps);
+
+// The same for float32 / float16 / bfloat16 (K::kPackF32), defined in packed_f32.h.
+template <class K>
+AML_TARGET void scan_packed_f32(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1,
+                                int64_t r0, int64_t r1, TopK* heaps);
 
 // Queries [q0, q1) against rows [r0, r1), tile by tile so each tile is reused from cache by every query.
 template <class K>
@@ -234,22 +235,13 @@ void scan_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0,
   const int64_t row_bytes = std::max<int64_t>(1, j.d * static_cast<int64_t>(sizeof(G)));
   const int64_t tile_rows = std::max<int64_t>(4, kTileBytes / row_bytes / 4 * 4);
   if constexpr (K::kPacks) {
-    if (q1 - q0 >= kWidenQueries) return scan_packed_block<K>(j, p, q0, q1, r0, r1, tile_rows, heaps);
+    if (q1 - q0 >= kPackQueries) return scan_packed_block<K>(j, p, q0, q1, r0, r1, tile_rows, heaps);
   }
-  constexpr bool widens = K::kWidens;
-  std::vector<float> wide;
-  if (widens && q1 - q0 >= kWidenQueries) wide.resize(static_cast<size_t>(tile_rows * p.dp));
-  for (int64_t t0 = r0; t0 < r1; t0 += tile_rows) {
-    const int64_t t1 = std::min(r1, t0 + tile_rows);
-    if constexpr (widens) {
-      if (!wide.empty()) {
-        widen_tile<K>(gal + t0 * j.d, t1 - t0, j.d, p.dp, wide.data());
-        scan_groups<KF32>(p, Rows<float>{wide.data(), t0, p.dp, j.scale}, p.dp, q0, q1, t0, t1, heaps, false);
-        continue;
-      }
-    }
-    scan_groups<K>(p, Rows<G>{gal, 0, j.d, j.scale}, j.d, q0, q1, t0, t1, heaps, true);
+  if constexpr (K::kPackF32) {
+    if (q1 - q0 >= kPackQueries) return scan_packed_f32<K>(j, p, q0, q1, r0, r1, heaps);
   }
+  for (int64_t t0 = r0; t0 < r1; t0 += tile_rows)
+    scan_groups<K>(p, Rows<G>{gal, 0, j.d, j.scale}, j.d, q0, q1, t0, std::min(r1, t0 + tile_rows), heaps, true);
 }
 
 AML_TARGET inline float exact_dot(const float* q, const float* row, int64_t d) {
@@ -262,7 +254,7 @@ AML_TARGET inline float exact_dot(const float* q, const float* row, int64_t d) {
 
 // Recompute each candidate's score in float32 against the exact copy and keep the k best.
 inline void rescore(const ScanJob& j, std::vector<TopK>& cand) {
-  const Prepared<float> p = prepare<KF32>(j);
+  const Prepared<float> p = prepare<KF32>(j, false);
   std::vector<TopK> best(j.nq, TopK(static_cast<size_t>(j.k)));
   std::atomic<int64_t> next{0};
   Pool::get().run(static_cast<int>(std::min<int64_t>(j.threads, j.nq)), [&](int) {
@@ -278,11 +270,17 @@ inline void rescore(const ScanJob& j, std::vector<TopK>& cand) {
 // the rows; each worker keeps its own heaps, merged at the end.
 template <class K>
 void run(const ScanJob& j, std::vector<TopK>& out) {
-  const Prepared<typename K::Qt> p = prepare<K>(j);
+  // Packed float blocks start at multiples of PF32::M (the panels of p.packed); they take large blocks when the
+  // rows alone give every thread work, in many short chunks (a chunk costs no extra packing) so that a thread
+  // slowed by other load does not leave the other waiting.
+  const bool packs = K::kPackF32 && j.nq >= kPackQueries;
+  const Prepared<typename K::Qt> p = prepare<K>(j, packs);
   const int64_t T = j.threads;
-  const int64_t qb = std::min<int64_t>(j.nq, kQueryBlock);
+  const bool big = packs && j.n >= 2 * T * kMinChunkRows;
+  const int64_t unit = packs ? PF32::M : 1;
+  const int64_t qb = std::min<int64_t>(j.nq, (big ? kPackQueryBlock : kQueryBlock) / unit * unit);
   const int64_t nqb = (j.nq + qb - 1) / qb;
-  const int64_t nrc = nqb >= 2 * T ? 1 : std::max<int64_t>(1, std::min<int64_t>(8 * T, j.n / 2048));
+  const int64_t nrc = nqb >= 2 * T ? 1 : std::max<int64_t>(1, std::min<int64_t>((big ? 32 : 8) * T, j.n / kMinChunkRows));
   const int64_t rc = ((j.n + nrc - 1) / nrc + 3) / 4 * 4;
   const int64_t ntasks = nqb * nrc;
   const int workers = static_cast<int>(std::min<int64_t>(T, ntasks));

@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "pool.h"
 #include "scan.h"
@@ -18,8 +20,8 @@ struct KScalar {
   static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 4;
   static constexpr bool kSumTile = false;
-  static constexpr bool kWidens = false;
   static constexpr bool kPacks = false;
+  static constexpr bool kPackF32 = D != Dtype::int8;
   using G = G_;
   using Qt = Qt_;
   using V = V_;
@@ -34,15 +36,38 @@ struct KScalar {
     else return static_cast<V>(*p);
   }
   static GV lg_tail(const G* p, int) { return lg(p); }
+  static void st(float* p, GV v) { *p = v; }
   static V madd(V a, QV q, GV g) { return a + q * g; }
   static Acc sum(V a) { return a; }
   static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
+// The packed float32 kernel's lane vector: four floats (GCC vector extension, SSE2 on any x86-64), each lane
+// summing exactly as the scalar tile does (q * g rounded, then added: no FMA at this tier).
+struct PF32 {
+  static constexpr int L = 4, M = 4, J = 2;
+  typedef float V __attribute__((vector_size(16)));
+  static V zero() { return V{0.f, 0.f, 0.f, 0.f}; }
+  static V load(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+  static V splat(float x) { return V{x, x, x, x}; }
+  static V fma(V a, V q, V g) { return a + q * g; }
+  static void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+  static unsigned at_least(const float* s, float thr, unsigned lanes) {
+    unsigned m = 0;
+    for (unsigned l = 0; l < lanes; ++l) m |= static_cast<unsigned>(s[l] >= thr) << l;
+    return m;
+  }
+  static void block(const float* const* src, float* dst, int64_t stride) {  // an L x L transpose
+    for (int c = 0; c < L; ++c)
+      for (int i = 0; i < L; ++i) dst[c * stride + i] = src[i][c];
+  }
+};
+
 using KF32 = KScalar<Dtype::float32, float, float, float>;
 using KF16 = KScalar<Dtype::float16, uint16_t, float, float>;
 using KBF16 = KScalar<Dtype::bfloat16, uint16_t, float, float>;
 using KI8 = KScalar<Dtype::int8, int8_t, int8_t, int32_t>;
 
 #include "scan_body.h"
+#include "packed_f32.h"
 
 }  // namespace aml::scalar
