@@ -36,7 +36,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 def resolve_encoder(model: Optional[str], student: Optional[str], target: Optional[str], weights: Optional[str]):
     """The encoder named by --model (teacher name / checkpoint) or --student (checkpoint, or arch + --target)."""
-    from .models import STUDENTS, build_student, load_encoder
+    from .models import STUDENTS, build_student, load_encoder, registry_teacher_of
 
     if bool(model) == bool(student):
         raise EngineError("give exactly one of --model (teacher name or checkpoint) and --student")
@@ -49,9 +49,10 @@ def resolve_encoder(model: Optional[str], student: Optional[str], target: Option
             from .store import read_manifest
 
             m = read_manifest(Path(target))
-            return build_student(student, m["dim"], m["space"], weights, teacher=m.get("info", {}).get("encoder", {}).get("name", ""))
+            return build_student(student, m["dim"], m["space"], weights, teacher=m.get("info", {}).get("encoder", {}).get("name", ""),
+                                 bridge_to=registry_teacher_of(m["space"]))
         teacher = load_encoder(target)
-        return build_student(student, teacher.dim, teacher.space, weights, teacher=teacher.name)
+        return build_student(student, teacher.dim, teacher.space, weights, teacher=teacher.name, bridge_to=teacher)
     enc = load_encoder(student)
     if enc.config.get("role") != "student":
         console.print(f"[yellow]note[/]: {student} is a {enc.config.get('role')}, encoding with it as given")
@@ -309,7 +310,8 @@ def train(
     max_side: int = typer.Option(362, "--max-side"),
     workers: int = typer.Option(-1, "--workers"),
     seed: int = typer.Option(0, "--seed"),
-    freeze: str = typer.Option("bn", "--freeze", help="bn (BatchNorm statistics frozen) or trunk (only projection and head learn)"),
+    freeze: str = typer.Option("bn", "--freeze", help="bn (BatchNorm statistics frozen) or trunk (only the head learns)"),
+    center: bool = typer.Option(True, "--center/--no-center", help="Targets: teacher vectors minus their training mean"),
     val_every: int = typer.Option(1, "--val-every", help="Validate every N epochs (and after the last)"),
     val_gnd: Optional[Path] = typer.Option(None, "--val-gnd", help="Validation ground truth (revisited format)"),
     val_store: Optional[Path] = typer.Option(None, "--val-store", help="Teacher store of the validation gallery"),
@@ -323,7 +325,8 @@ def train(
     cfg = TrainConfig(student=student, weights=weights, loss=loss, mode=mode, margin=margin, epochs=epochs, lr=lr,
                       lr_decay=lr_decay, weight_decay=weight_decay, batch_size=batch_size, images_per_epoch=images_per_epoch,
                       query_size=query_size, pool_size=pool_size, neg_num=neg_num, negatives=negatives, max_side=max_side,
-                      workers=default_workers() if workers < 0 else workers, seed=seed, freeze=freeze, val_every=val_every)
+                      workers=default_workers() if workers < 0 else workers, seed=seed, freeze=freeze, val_every=val_every,
+                      center=center)
     metrics = run_training(cfg, out_dir, teacher_store, train_set, images, val_gnd, val_store, init)
     console.print(json.dumps(metrics))
 

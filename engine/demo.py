@@ -21,7 +21,7 @@ from .store import Store
 
 TEACHER = "effnet-lite2-gem"
 MAX_SIDE = 362
-TRAIN_LR = 1e-3
+TRAIN_LR = 1e-5  # the head starts at the classifier bridge: small steps refine it, large ones undo it
 
 
 def _queries(enc, items, names, path: Path, opts: EncodeOptions) -> np.ndarray:
@@ -108,7 +108,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
     queries = revisited.query_items(cfg, images_dir)
 
     teacher = build_teacher(TEACHER)
-    stu = build_student(student, teacher.dim, teacher.space, teacher=teacher.name)
+    stu = build_student(student, teacher.dim, teacher.space, teacher=teacher.name, bridge_to=teacher)
     opts = EncodeOptions(max_side=MAX_SIDE, workers=default_workers())
     log.print(f"teacher {teacher.name} (D = {teacher.dim}); untrained student {stu.name}")
 

@@ -1,7 +1,7 @@
 """Deployable encoders: ONNX files and TensorRT engines, the head included.
 
-`export_onnx` traces the whole encoder (normalisation, trunk, projection, GeM -> L2 ->
-[whitening] -> L2) with dynamic batch, height and width. The head traces through the
+`export_onnx` traces the whole encoder (normalisation, trunk, GeM -> L2 -> [linear:
+whitening or a student's map to its teacher] -> L2) with dynamic batch, height and width. The head traces through the
 torch reference of `kernels.gem_whiten` (export runs on CPU, where the dispatcher picks
 it), so GeM becomes Clip -> Pow(p) -> ReduceMean -> Pow(1/p) with the learned p frozen
 as a constant: plain ONNX ops that onnxruntime and TensorRT run natively.

@@ -1,7 +1,9 @@
 """Encoders: one registry and one constructor for teachers and students.
 
-Encoder = trunk -> [proj: 1x1 conv to the teacher's D, no bias, ReLU (students)] -> head,
-head = GeM(p) -> L2 -> [whitening] -> L2 through `kernels.gem_whiten`.
+Encoder = trunk -> head, head = GeM(p) -> L2 -> [linear W x + b] -> L2 through `kernels.gem_whiten`.
+A teacher's linear layer is its learned whitening (if any); a student's maps its pooled
+features into the teacher's D and is initialised through the two ImageNet classifiers
+(`classifier_bridge`), so an untrained student already lands near the teacher's space.
 Every encoder carries an embedding-space id: a teacher's is a hash of its weights
 and head; a student stores the id of the teacher space it maps into.
 Checkpoints are one .safetensors file whose header metadata holds the JSON config.
@@ -27,7 +29,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (0.5, 0.5, 0.5)  # TF EfficientNet-Lite was trained on [-1, 1] inputs
 LITE_STD = (0.5, 0.5, 0.5)
-PROJ_SEED = 0  # an untrained student's projection is drawn from this seed: same name, same encoder
+HEAD_SEED = 0  # a student head without a classifier bridge is drawn from this seed: same name, same encoder
 CHECKPOINT_KEY = "aml_engine"
 
 
@@ -186,10 +188,9 @@ class Encoder(nn.Module):
     dim, space (the embedding-space id), teacher (for students), training config.
     """
 
-    def __init__(self, trunk: nn.Module, head: Head, config: dict, proj: nn.Module | None = None):
+    def __init__(self, trunk: nn.Module, head: Head, config: dict):
         super().__init__()
         self.trunk = trunk
-        self.proj = proj
         self.head = head
         self.config = dict(config)
         arch = ARCHS[config["arch"]]
@@ -215,13 +216,8 @@ class Encoder(nn.Module):
         """The backbone's feature map of normalised images: B x C x h x w."""
         return self.trunk((images - self.mean) / self.std)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The map the head pools: B x D x h x w (after the projection for students)."""
-        x = self.trunk_maps(images)
-        return self.proj(x) if self.proj is not None else x
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        return self.head(self.trunk_maps(images))
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -254,13 +250,34 @@ def _resolve_weights(arch: Arch, weights: str | Path | None) -> Path | None:
     return _package_weights(arch.name)
 
 
-def _projection(channels: int, dim: int, seed: int) -> nn.Module:
-    conv = nn.Conv2d(channels, dim, kernel_size=1, bias=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        bound = (6.0 / channels) ** 0.5  # He-uniform, so ReLU keeps about half the signal
-        conv.weight.copy_(torch.empty_like(conv.weight).uniform_(-bound, bound, generator=gen))
-    return nn.Sequential(conv, nn.ReLU(inplace=False))
+def _timm_classifier(trunk: nn.Module) -> torch.Tensor | None:
+    fc = trunk.model.get_classifier() if isinstance(trunk, TimmTrunk) else None
+    return fc.weight.detach() if isinstance(fc, nn.Linear) else None
+
+
+def imagenet_classifier(trunk: nn.Module, weights: Path | None) -> torch.Tensor | None:
+    """The backbone's ImageNet classifier weight (1000 x C) from its weights, or None (random or retrieval-only weights)."""
+    if weights is None:
+        return None
+    if isinstance(trunk, TimmTrunk):
+        return _timm_classifier(trunk)
+    state = _load_state(weights)
+    return next((state[k] for k in ("classifier.1.weight", "fc.weight") if k in state), None)
+
+
+def classifier_bridge(student_fc: torch.Tensor | None, teacher: Encoder) -> torch.Tensor | None:
+    """D x C map from a student's pooled features to the teacher's, through the shared ImageNet label space.
+
+    Both classifiers read class scores linearly from pooled features: W_t f_t ~ W_s f_s gives
+    f_t ~ pinv(W_t) W_s f_s. None when either side has no ImageNet classifier or the teacher's
+    output is whitened (its D is then not its pooled features' space).
+    """
+    teacher_fc = _timm_classifier(teacher.trunk)
+    if student_fc is None or teacher_fc is None or teacher.head.whiten is not None:
+        return None
+    if teacher_fc.shape[0] != student_fc.shape[0]:
+        return None
+    return (torch.linalg.pinv(teacher_fc.double()) @ student_fc.double()).float()
 
 
 # ---------------------------------------------------------------- the registry of named encoders
@@ -297,26 +314,51 @@ def build_teacher(name: str, weights: str | Path | None = None) -> Encoder:
     return enc
 
 
+def registry_teacher_of(space: str) -> Encoder | None:
+    """The registry teacher whose packaged weights make this space id, if it is one (the store's encoder), else None."""
+    name = space.split(":", 1)[0]
+    if name not in TEACHERS:
+        return None
+    try:
+        teacher = build_teacher(name)
+    except EngineError:  # its weights are not installed (the cirtorch teachers)
+        return None
+    return teacher if teacher.space == space else None
+
+
 def build_student(
-    arch_name: str, dim: int, space: str, weights: str | Path | None = None, seed: int = PROJ_SEED, teacher: str = ""
+    arch_name: str, dim: int, space: str, weights: str | Path | None = None, seed: int = HEAD_SEED, teacher: str = "",
+    bridge_to: Encoder | None = None,
 ) -> Encoder:
-    """An (untrained) student: arch trunk + 1x1 projection to the teacher's `dim` + ReLU + GeM head, in teacher `space`."""
+    """An (untrained) student in teacher `space`: arch trunk + GeM -> L2 -> linear to the teacher's `dim` -> L2.
+
+    bridge_to: the teacher; when both have ImageNet classifiers the linear layer starts as their
+    `classifier_bridge`, else it is drawn from `seed`.
+    """
     if arch_name not in ARCHS or ARCHS[arch_name].role != "student":
         raise EngineError(f"unknown student {arch_name!r}: known students are {', '.join(STUDENTS)}")
     arch = ARCHS[arch_name]
-    trunk = arch.make(_resolve_weights(arch, weights))
+    path = _resolve_weights(arch, weights)
+    trunk = arch.make(path)
+    bridge = classifier_bridge(imagenet_classifier(trunk, path), bridge_to) if bridge_to is not None else None
+    if bridge is not None and bridge.shape[0] != dim:
+        raise EngineError(f"the teacher's classifier bridge gives D = {bridge.shape[0]}, the student is asked for D = {dim}")
+    bridged = bridge is not None
+    if not bridged:
+        bridge = torch.randn(dim, arch.channels, generator=torch.Generator().manual_seed(seed)) / arch.channels**0.5
     config = {
         "name": f"{arch_name}->{teacher or space}",
         "arch": arch_name,
         "role": "student",
         "dim": int(dim),
-        "pool_dim": int(dim),
+        "pool_dim": arch.channels,
         "space": space,
         "teacher": teacher,
-        "proj_seed": seed,
+        "head_init": "imagenet-bridge" if bridged else f"random:{seed}",
     }
-    enc = Encoder(trunk, Head(dim), config, proj=_projection(arch.channels, dim, seed))
-    return enc.eval()
+    head = Head(arch.channels)
+    head.set_whitening(bridge, torch.zeros(dim))
+    return Encoder(trunk, head, config).eval()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -362,9 +404,8 @@ def load_checkpoint(path: str | Path) -> Encoder:
         raise EngineError(f"checkpoint names unknown architecture {config.get('arch')!r}", path)
     trunk = arch.make(None)
     pool_dim = config.get("pool_dim", config["dim"])  # what GeM pools; dim is the output, after any whitening
-    proj = _projection(arch.channels, pool_dim, 0) if config["role"] == "student" else None
     head = Head(pool_dim, whiten_dim=config.get("whiten_dim"))
-    enc = Encoder(trunk, head, config, proj=proj)
+    enc = Encoder(trunk, head, config)
     state = load_file(str(path))
     missing, unexpected = enc.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -69,7 +69,7 @@ def test_onnx_cache_is_keyed_by_weights_and_reused(student, cache, monkeypatch):
     assert path.exists() and cache_key(student) in path.name
     monkeypatch.setattr(backends, "export_onnx", lambda *a: pytest.fail("an unchanged encoder must not be exported again"))
     assert cached_onnx(student, cache) == path
-    other = build_student("mobilenetv2", 64, "test-space", seed=1)  # same name and space, other projection
+    other = build_student("mobilenetv2", 64, "test-space", seed=1)  # same name and space, other random head
     assert cache_key(other) != cache_key(student)
 
 

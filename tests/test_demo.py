@@ -18,7 +18,8 @@ def test_demo_on_a_photo_folder(tmp_path, run_cli):
     assert set(metrics) == {"teacher_sym", "student_sym", "student_asym"}
     for setting in metrics.values():
         assert set(setting) == {"easy", "medium", "hard"}
-    # a pretrained teacher is far ahead of an untrained student's queries against its gallery
-    assert metrics["teacher_sym"]["medium"]["mAP"] > metrics["student_asym"]["medium"]["mAP"] + 20
+    # The untrained student's queries already find the teacher's gallery through the classifier bridge
+    # (a random head scores a few percent here), though the teacher stays ahead.
+    assert 25 < metrics["student_asym"]["medium"]["mAP"] < metrics["teacher_sym"]["medium"]["mAP"]
     assert (tmp_path / "demo" / "report" / "index.html").exists()
     assert (tmp_path / "demo" / "teacher.store" / "manifest.json").exists()

@@ -63,13 +63,35 @@ def test_teacher_descriptors_are_unit_and_space_tracks_weights(teacher):
             teacher.head.p.sub_(0.5)
 
 
-def test_untrained_student_is_the_same_in_every_build(teacher):
-    a = build_student("mobilenetv2", teacher.dim, teacher.space)
-    b = build_student("mobilenetv2", teacher.dim, teacher.space)
+@pytest.mark.parametrize("bridged", [False, True])
+def test_untrained_student_is_the_same_in_every_build(teacher, bridged):
+    a = build_student("mobilenetv2", teacher.dim, teacher.space, bridge_to=teacher if bridged else None)
+    b = build_student("mobilenetv2", teacher.dim, teacher.space, bridge_to=teacher if bridged else None)
     x = cat_image(128)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
     assert a.space == teacher.space and a.dim == teacher.dim
+    assert a.config["head_init"] == ("imagenet-bridge" if bridged else "random:0")
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2", "effnet-lite0"])
+def test_classifier_bridge_puts_an_untrained_student_near_its_teacher(teacher, arch):
+    # Asymmetric retrieval of real photographs among themselves: the student's vector of a photo must find
+    # the teacher's vector of the same photo first, which a randomly initialised head cannot do.
+    from engine.datasets.photos import pip_photos
+    from engine.images import load_image
+
+    photos = pip_photos()
+    images = [load_image(p, 160) for p in photos]
+    bridged = build_student(arch, teacher.dim, teacher.space, bridge_to=teacher)
+    random_head = build_student(arch, teacher.dim, teacher.space)
+    with torch.no_grad():
+        t = torch.cat([teacher(x[None]) for x in images])
+        hits = {}
+        for name, s in (("bridged", bridged), ("random", random_head)):
+            q = torch.cat([s(x[None]) for x in images])
+            hits[name] = ((q @ t.T).argmax(dim=1) == torch.arange(len(images))).float().mean().item()
+    assert hits["bridged"] >= 0.6 and hits["bridged"] > hits["random"] + 0.3, hits
 
 
 def test_checkpoint_round_trip_keeps_outputs_and_config(tmp_path, teacher):
@@ -80,7 +102,7 @@ def test_checkpoint_round_trip_keeps_outputs_and_config(tmp_path, teacher):
     path = save_checkpoint(s, tmp_path / "s.safetensors", extra={"epochs": 3})
     r = load_checkpoint(path)
     assert r.config["space"] == teacher.space and r.config["epochs"] == 3
-    assert r.dim == 256 and r.config["pool_dim"] == teacher.dim  # whitened output, pooled projection
+    assert r.dim == 256 and r.config["pool_dim"] == teacher.dim  # a 256-d output over 1280 pooled channels
     x = cat_image(96)
     with torch.no_grad():
         torch.testing.assert_close(r(x), s(x))

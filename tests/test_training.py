@@ -74,17 +74,18 @@ def test_whiten_installs_lw_and_changes_the_teacher_space(tiny_train, teacher_st
     assert enc.space != json.loads((teacher_store / "manifest.json").read_text())["space"]
 
 
-def test_frozen_trunk_trains_only_projection_and_head(tiny_train, teacher_store, tmp_path, run_cli):
-    from engine.models import build_student
+def test_frozen_trunk_trains_only_the_head(tiny_train, teacher_store, tmp_path, run_cli):
+    from engine.models import build_student, registry_teacher_of
 
     code, _, err = run_cli(*train_args(tiny_train, teacher_store, tmp_path / "run", "--loss", "regression",
                                        "--epochs", 1, "--lr", "1e-3", "--freeze", "trunk"))
     assert code == 0, err
     trained = load_checkpoint(tmp_path / "run" / "last.safetensors")
-    start = build_student("mobilenetv2", trained.dim, trained.space)
+    start = build_student("mobilenetv2", trained.dim, trained.space, bridge_to=registry_teacher_of(trained.space))
+    assert start.config["head_init"] == trained.config["head_init"] == "imagenet-bridge"
     for a, b in zip(trained.trunk.state_dict().values(), start.trunk.state_dict().values()):
         assert (a == b).all()
-    assert not (trained.proj[0].weight == start.proj[0].weight).all()
+    assert not (trained.head.whiten.weight == start.head.whiten.weight).all()
 
 
 @pytest.mark.slow
@@ -100,7 +101,7 @@ def test_sym_fine_tuning_of_a_teacher_moves_it_into_a_new_space(tiny_train, teac
     assert code == 0, err
     tuned = load_checkpoint(tmp_path / "run" / "last.safetensors")
     start = build_teacher("effnet-lite2-gem")
-    assert tuned.config["role"] == "teacher" and tuned.proj is None and tuned.dim == start.dim
+    assert tuned.config["role"] == "teacher" and tuned.head.whiten is None and tuned.dim == start.dim
     assert tuned.space != start.space and tuned.space == space_id(tuned)
     changed = [not torch.equal(a, b) for a, b in zip(tuned.trunk.state_dict().values(), start.trunk.state_dict().values())]
     assert any(changed)

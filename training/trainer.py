@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.errors import EngineError
-from engine.models import TEACHERS, Encoder, build_student, build_teacher, load_checkpoint, save_checkpoint, space_id
+from engine.models import (TEACHERS, Encoder, build_student, build_teacher, load_checkpoint, registry_teacher_of, save_checkpoint,
+                           space_id)
 from engine.store import atomic_write_bytes
 
 from . import losses as L
@@ -63,7 +64,8 @@ class TrainConfig:
     seed: int = 0
     select: str = "auto"  # validation metric for best-model choice: asym | sym | auto (the mode's)
     val_every: int = 1  # validate (and choose the best model) every this many epochs, and after the last
-    freeze: str = "bn"  # bn: BatchNorm statistics frozen; trunk: the whole backbone frozen (projection and head learn)
+    freeze: str = "bn"  # bn: BatchNorm statistics frozen; trunk: the whole backbone frozen (the head learns)
+    center: bool = True  # targets: teacher vectors minus their training mean, re-normalised (see Trainer)
 
     def check(self) -> None:
         if self.loss not in L.LOSSES:
@@ -110,6 +112,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: TrainData, out_dir: str | Path, val: ValSet | None = None,
                  progress: bool | None = None, init: str | Path | None = None):
         cfg.check()
+        if cfg.center:
+            # The teacher's vectors share a large mean (ReLU features): it adds the same to every gallery
+            # score of a query, so it carries no ranking, yet it would dominate a regression loss.
+            centred = data.teacher - data.teacher.mean(axis=0)
+            data = replace(data, teacher=centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
         self.cfg, self.data, self.val = cfg, data, val
         self.out = Path(out_dir)
         self.rank, self.world = _world()
@@ -126,12 +133,12 @@ class Trainer:
             # space and leaves it with its first update, so checkpoints carry the new weights' space id.
             self.student = build_teacher(cfg.student, cfg.weights)
         else:
-            self.student = build_student(cfg.student, data.dim, data.space, cfg.weights)
+            self.student = build_student(cfg.student, data.dim, data.space, cfg.weights, bridge_to=registry_teacher_of(data.space))
         if self.student.space != data.space:
             raise EngineError(f"student maps into space {self.student.space!r}, the teacher store is {data.space!r}")
         self.student.config["train"] = asdict(cfg)
         if cfg.freeze == "trunk":
-            # few training photographs: adapting only the projection and head keeps the ImageNet features general
+            # few training photographs: adapting only the head keeps the ImageNet features general
             self.student.trunk.requires_grad_(False)
         self._cache_trunk_maps()
         self.opt = _optimizer(self.student, cfg)
@@ -240,7 +247,7 @@ class Trainer:
         """Student descriptors from images, or from cached trunk maps when the trunk is frozen."""
         if self._maps is None:
             return self.student(x)
-        return self.student.head(x if self.student.proj is None else self.student.proj(x))
+        return self.student.head(x)
 
     def _inputs(self, batches: list[list[int]]):
         """Per batch, what `_forward` takes: decoded images (a DataLoader), or the cached trunk maps."""
