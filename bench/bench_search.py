@@ -1,17 +1,20 @@
 """Top-k search throughput: the engine kernel per dtype against faiss and torch, side by side.
 
 Run: `pytest bench/bench_search.py --benchmark-json=search.json` (default grid, a few minutes on 2 cores);
-`AML_BENCH_GRID=full` runs N in {100k, 1M} x D in {128, 512, 2048} x Q in {1, 64, 1024}, skipping galleries
-that would not fit in half the available memory; `AML_BENCH_GRID=100000x512x1,1000000x128x64` runs the cases
-listed. The faiss scalar-quantizer baselines and torch, which no target at Q = 1024 refers to and which take
-minutes there on 2 cores, run only for Q <= 64 (`AML_BENCH_ALL=1` runs them everywhere). For each (N, D, Q)
-every method runs in turn (interleaved),
-k = 100, medians over AML_BENCH_ROUNDS rounds (default 5). extra_info holds queries/s, GB/s (bytes of the
-scanned copy per second), GFLOP/s (2 Q N D per second), recall@100 against the exact float32 top 100, and the
-machine's measured bounds (memory read bandwidth, float32 matmul peak). The session writes a summary table
-into the "Search" section of bench/RESULTS.md. The engine is timed per call of its shard kernel on the whole
-gallery as one shard (what search() does per shard); compressed scans rescore 100 * R candidates (R = 4)
-against float32. The machine may be shared: figures can suffer interference, so rerun before trusting a ratio.
+`AML_BENCH_GRID=full` runs N in {100k, 1M} x D in {128, 512, 2048} x Q in {1, 64, 1024}, dropping methods
+whose copies would not fit in half the available memory; `AML_BENCH_GRID=100000x512x1,1000000x128x64` runs the
+cases listed. The faiss scalar-quantizer baselines and torch, which no target at Q = 1024 refers to and which
+take minutes there on 2 cores, run only for Q <= 64 (`AML_BENCH_ALL=1` runs them everywhere).
+One benchmark per (N, D, Q): after one warm-up call each, round r calls every method once (timed with
+time.perf_counter, the order rotated by one each round) before round r + 1 calls any, so that the ratios
+compare the same minutes of a shared machine; pytest-benchmark's own statistics are those of whole rounds.
+k = 100, per-method medians over AML_BENCH_ROUNDS rounds (default 5). extra_info holds, per method, the round
+times, queries/s, GB/s (bytes of the scanned copy per second), GFLOP/s (2 Q N D per second), recall@100 against
+the exact float32 top 100, and the machine's measured bounds (memory read bandwidth, float32 matmul peak). The
+session writes a summary table into the "Search" section of bench/RESULTS.md. The engine is timed per call of
+its shard kernel on the whole gallery as one shard (what search() does per shard); compressed scans rescore
+100 * R candidates (R = 4) against float32. Figures on a shared machine still move with its load; the ratios
+of one round's calls are reported beside the ratios of medians.
 """
 from __future__ import annotations
 
@@ -150,34 +153,84 @@ def runner(method, g, copies, q):
     return (lambda: index.search(q, K)[1]), nbytes
 
 
-@pytest.mark.parametrize("method", METHODS)
+def methods_for(n, d, nq) -> tuple[list[str], list[str]]:
+    """The methods run for one case, and a note per method left out (slow baselines at Q > 64; copies that
+    would take the case past half the available memory, counted cumulatively since all are held at once)."""
+    budget = available_bytes() // 2 - n * d * (4 + 2 + 2 + 1)  # the float32 gallery and the engine's copies
+    extra = {"faiss-flat": 4, "faiss-sq-fp16": 2, "faiss-sq-8bit": 1}  # bytes per value held by each index
+    run, left = [], []
+    if budget < 0:
+        return [], [f"gallery copies need {n * d * 9 / 2**30:.1f} GiB, more than half the available memory"]
+    for m in METHODS:
+        if nq > 64 and m in SLOW_BASELINES and not ALL_METHODS:
+            left.append(f"{m} runs for Q <= 64 only (AML_BENCH_ALL=1 runs it here)")
+            continue
+        need = n * d * extra.get(m, 0)
+        if need > budget:
+            left.append(f"{m}: its index needs {need / 2**30:.1f} GiB more than half the available memory allows")
+            continue
+        budget -= need
+        run.append(m)
+    return run, left
+
+
+def interleaved(fns: dict) -> tuple:
+    """For no-argument callables `fns` (name -> callable): a callable running one round, in which every one of
+    them runs once in an order rotated by one per round (no method always follows the same other's cache
+    traffic), and the dict (name -> list of seconds per call, one per round) that the rounds fill."""
+    names = list(fns)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    rounds = itertools.count()
+
+    def one_round():
+        r = next(rounds) % len(names)
+        for m in names[r:] + names[:r]:
+            t0 = time.perf_counter()
+            fns[m]()
+            times[m].append(time.perf_counter() - t0)
+
+    return one_round, times
+
+
 @pytest.mark.parametrize("n, d, nq", GRID, ids=[f"N{n}-D{d}-Q{q}" for n, d, q in GRID])
-def test_search(benchmark, bounds, galleries, n, d, nq, method):
-    if nq > 64 and method in SLOW_BASELINES and not ALL_METHODS:
-        pytest.skip(f"{method} runs for Q <= 64 only (AML_BENCH_ALL=1 runs it here)")
-    need = n * d * (4 + 2 + 2 + 1) * (2 if method.startswith("faiss") or method == "torch" else 1)
-    if need > available_bytes() // 2:
-        pytest.skip(f"gallery copies need {need / 2**30:.1f} GiB, more than half the available memory")
+def test_search(benchmark, bounds, galleries, n, d, nq):
+    methods, left = methods_for(n, d, nq)
+    if not methods:
+        pytest.skip("; ".join(left))
+    LOADS.append(load_average())
     g, copies, queries, truth = galleries(n, d)
     q = np.ascontiguousarray(queries[:nq])
-    fn, nbytes = runner(method, g, copies, q)
-    ids = benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    t = benchmark.stats.stats.median
     ref = exact_ids(g, q, truth)
-    recall = np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids, ref)])
-    info = {
-        "N": n, "D": d, "Q": nq, "method": method, "qps": nq / t, "GBps": nbytes / t / 1e9,
-        "GFLOPs": 2 * nq * n * d / t / 1e9, "recall": float(recall), **bounds,
-    }
-    benchmark.extra_info.update(info)
-    ROWS.append(info)
+    fns, nbytes, recall = {}, {}, {}
+    for m in methods:
+        fns[m], nbytes[m] = runner(m, g, copies, q)
+        ids = fns[m]()  # the warm-up call; every method is deterministic, so its ids are those of the rounds
+        recall[m] = float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids, ref)]))
+    one_round, times = interleaved(fns)
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     LOADS.append(load_average())
+    rows = {}
+    for m in methods:
+        t = float(np.median(times[m]))
+        rows[m] = {
+            "N": n, "D": d, "Q": nq, "method": m, "qps": nq / t, "GBps": nbytes[m] / t / 1e9,
+            "GFLOPs": 2 * nq * n * d / t / 1e9, "recall": recall[m], "times": times[m], **bounds,
+        }
+        ROWS.append(rows[m])
+    benchmark.extra_info.update({"N": n, "D": d, "Q": nq, "left_out": left, "methods": rows})
 
 
 def machine() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = re.search(r"Model name:\s*(.+)", out)
     return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} logical CPUs"
+
+
+def per_round(a: dict, b: dict) -> str:
+    """The spread of one round's ratios, a's queries/s over b's (rows of one case, same round index), as
+    'rounds LO-HIx'."""
+    ratios = [tb / ta for ta, tb in zip(a["times"], b["times"])]
+    return f"rounds {min(ratios):.2f}-{max(ratios):.2f}x"
 
 
 def summary(rows: list[dict]) -> str:
@@ -187,11 +240,11 @@ def summary(rows: list[dict]) -> str:
         "## Search",
         "",
         f"{datetime.date.today()}, {machine()}; measured bounds: memory read {b['mem_read_GBps']} GB/s, "
-        f"fp32 matmul {b['fp32_peak_GFLOPs']} GFLOP/s. k = {K}, medians of {ROUNDS} rounds, "
+        f"fp32 matmul {b['fp32_peak_GFLOPs']} GFLOP/s. k = {K}, medians of {ROUNDS} interleaved rounds, "
         f"engine compressed scans rescore {RESCORE}k candidates in float32. "
         f"Command: `AML_BENCH_GRID={_GRID} AML_BENCH_ROUNDS={ROUNDS} pytest bench/bench_search.py`. Shared machine: "
         f"1-minute load average {min(LOADS, key=float)} to {max(LOADS, key=float)} during the run (2 cores), so absolute figures are "
-        "depressed and noisy; ratios are side by side. '-': not run (see the docstring).",
+        "depressed and noisy; every method of a case runs once per round (see the docstring). '-': not run.",
         "",
         "Queries/s (recall@100 in brackets when below 1):",
         "",
@@ -207,22 +260,29 @@ def summary(rows: list[dict]) -> str:
             r = ms.get(m)
             cells.append("-" if r is None else f"{r['qps']:.4g}" + (f" ({r['recall']:.3f})" if r["recall"] < 0.9995 else ""))
         lines.append(f"| {n} | {d} | {nq} | " + " | ".join(cells) + " |")
-    lines += ["", "Ratios (engine / baseline queries/s; GB/s of the float16/bfloat16 scan over the read bound):", ""]
+    lines += [
+        "",
+        "Ratios (engine / baseline: of the medians, then the range of one round's; GB/s of the float16/bfloat16 "
+        "scan over the read bound):",
+        "",
+    ]
     for (n, d, nq), ms in by.items():
         if "faiss-flat" not in ms:
             continue
         flat = ms["faiss-flat"]["qps"]
         eng = {m: ms[m] for m in ms if m.startswith("engine-")}
         best = max(eng.values(), key=lambda r: r["qps"])
-        parts = [f"best engine ({best['method'][7:]}) {best['qps'] / flat:.2f}x faiss-flat"]
+        fr = ms["faiss-flat"]
+        parts = [f"best engine ({best['method'][7:]}) {best['qps'] / flat:.2f}x faiss-flat ({per_round(best, fr)})"]
         if "engine-float32" in eng:
-            parts.append(f"float32 {eng['engine-float32']['qps'] / flat:.2f}x")
+            parts.append(f"float32 {eng['engine-float32']['qps'] / flat:.2f}x ({per_round(eng['engine-float32'], fr)})")
         if nq == 1 and "faiss-sq-fp16" in ms:
             for m in ("engine-float16", "engine-bfloat16"):
                 if m in eng:
                     r = eng[m]
                     parts.append(
-                        f"{m[7:]} {r['qps'] / ms['faiss-sq-fp16']['qps']:.2f}x faiss-sq-fp16, "
+                        f"{m[7:]} {r['qps'] / ms['faiss-sq-fp16']['qps']:.2f}x faiss-sq-fp16 "
+                        f"({per_round(r, ms['faiss-sq-fp16'])}), "
                         f"{r['GBps']:.1f} GB/s = {r['GBps'] / r['mem_read_GBps']:.2f} of the bound"
                     )
         lines.append(f"- N {n}, D {d}, Q {nq}: " + "; ".join(parts))
