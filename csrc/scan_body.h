@@ -219,7 +219,7 @@ void scan_groups(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& r
 // Queries [q0, q1) against rows [r0, r1) through a packed copy of each tile (tiers whose K::kPacks).
 template <class K>
 AML_TARGET void scan_packed_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1, int64_t r0,
-                       int64_t r1, int64_t tile_rows, TopK* heaps);
+                       int64_t r1, TopK* heaps);
 
 // The same for float32 / float16 / bfloat16 (K::kPackF32), defined in packed_f32.h.
 template <class K>
@@ -235,7 +235,7 @@ void scan_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0,
   const int64_t row_bytes = std::max<int64_t>(1, j.d * static_cast<int64_t>(sizeof(G)));
   const int64_t tile_rows = std::max<int64_t>(4, kTileBytes / row_bytes / 4 * 4);
   if constexpr (K::kPacks) {
-    if (q1 - q0 >= kPackQueries) return scan_packed_block<K>(j, p, q0, q1, r0, r1, tile_rows, heaps);
+    if (q1 - q0 >= kPackQueries) return scan_packed_block<K>(j, p, q0, q1, r0, r1, heaps);
   }
   if constexpr (K::kPackF32) {
     if (q1 - q0 >= kPackQueries) return scan_packed_f32<K>(j, p, q0, q1, r0, r1, heaps);

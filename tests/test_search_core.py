@@ -80,14 +80,17 @@ def test_k_larger_than_n_and_offset():
     assert_exact(s, i - 1000, q, g, 13)
 
 
+@pytest.mark.parametrize("n,d", [(500, 77), (3500, 301)])
 @pytest.mark.parametrize("nq", [6, 37])
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_unrescored_scan_identical_across_isas(dtype, nq):
+def test_unrescored_scan_identical_across_isas(dtype, nq, n, d):
     """int8 sums are exact integers on every tier; bfloat16 products are exact (the query is rounded to bf16).
 
     37 queries take the many-query kernels (packed int8 tiles on VNNI, packed float tiles) with odd
-    sizes everywhere: D = 77 not a multiple of 4, 500 rows not a multiple of 16, 37 queries not of 8."""
-    q, g = data(500, 77, nq)
+    sizes everywhere: D = 77 not a multiple of 4, 500 rows not a multiple of 16, 37 queries not of 8.
+    D = 301 (padded to 320) is one 256-byte depth chunk of the packed int8 kernel plus a 64-byte one whose
+    last real dword is partial, and 3500 rows are two of its 1632-row tiles plus 236 (no whole 32-row panel)."""
+    q, g = data(n, d, nq)
     stored, scale = quantize.encode(g, dtype)
     base = _search.search_shard(q, stored, dtype, 20, scale=scale, isa="scalar")
     for isa in ISAS[1:]:
