@@ -199,19 +199,28 @@ AML_TARGET void scan_group(const Prepared<typename K::Qt>& p, const Rows<typenam
   }
 }
 
+// scan_group with its Prefetch chosen at run time.
+template <class K, int M>
+void scan_group_pf(bool pf, const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t d, int64_t qa,
+                   int64_t t0, int64_t t1, TopK* heaps) {
+  if (pf)
+    scan_group<K, M, true>(p, rows, d, qa, t0, t1, heaps);
+  else
+    scan_group<K, M, false>(p, rows, d, qa, t0, t1, heaps);
+}
+
 // Queries [q0, q1) in groups of up to four against rows [t0, t1); `stream`: the rows come from memory
 // (the first group prefetches them, later groups find them in cache).
 template <class K>
 void scan_groups(const Prepared<typename K::Qt>& p, const Rows<typename K::G>& rows, int64_t d, int64_t q0, int64_t q1,
                  int64_t t0, int64_t t1, TopK* heaps, bool stream) {
   int64_t qa = q0;
-  if (stream && q1 - q0 >= 4) scan_group<K, 4, true>(p, rows, d, qa, t0, t1, heaps), qa += 4;
-  for (; qa + 4 <= q1; qa += 4) scan_group<K, 4, false>(p, rows, d, qa, t0, t1, heaps);
+  for (; qa + 4 <= q1; qa += 4) scan_group_pf<K, 4>(stream && qa == q0, p, rows, d, qa, t0, t1, heaps);
   const bool pf = stream && qa == q0;
   switch (q1 - qa) {
-    case 3: pf ? scan_group<K, 3, true>(p, rows, d, qa, t0, t1, heaps) : scan_group<K, 3, false>(p, rows, d, qa, t0, t1, heaps); break;
-    case 2: pf ? scan_group<K, 2, true>(p, rows, d, qa, t0, t1, heaps) : scan_group<K, 2, false>(p, rows, d, qa, t0, t1, heaps); break;
-    case 1: pf ? scan_group<K, 1, true>(p, rows, d, qa, t0, t1, heaps) : scan_group<K, 1, false>(p, rows, d, qa, t0, t1, heaps); break;
+    case 3: scan_group_pf<K, 3>(pf, p, rows, d, qa, t0, t1, heaps); break;
+    case 2: scan_group_pf<K, 2>(pf, p, rows, d, qa, t0, t1, heaps); break;
+    case 1: scan_group_pf<K, 1>(pf, p, rows, d, qa, t0, t1, heaps); break;
     default: break;
   }
 }

@@ -273,9 +273,7 @@ def classifier_bridge(student_fc: torch.Tensor | None, teacher: Encoder) -> torc
     output is whitened (its D is then not its pooled features' space).
     """
     teacher_fc = _timm_classifier(teacher.trunk)
-    if student_fc is None or teacher_fc is None or teacher.head.whiten is not None:
-        return None
-    if teacher_fc.shape[0] != student_fc.shape[0]:
+    if student_fc is None or teacher_fc is None or teacher.head.whiten is not None or teacher_fc.shape[0] != student_fc.shape[0]:
         return None
     return (torch.linalg.pinv(teacher_fc.double()) @ student_fc.double()).float()
 
@@ -343,9 +341,10 @@ def build_student(
     bridge = classifier_bridge(imagenet_classifier(trunk, path), bridge_to) if bridge_to is not None else None
     if bridge is not None and bridge.shape[0] != dim:
         raise EngineError(f"the teacher's classifier bridge gives D = {bridge.shape[0]}, the student is asked for D = {dim}")
-    bridged = bridge is not None
-    if not bridged:
-        bridge = torch.randn(dim, arch.channels, generator=torch.Generator().manual_seed(seed)) / arch.channels**0.5
+    if bridge is None:
+        W = torch.randn(dim, arch.channels, generator=torch.Generator().manual_seed(seed)) / arch.channels**0.5
+    else:
+        W = bridge
     config = {
         "name": f"{arch_name}->{teacher or space}",
         "arch": arch_name,
@@ -354,10 +353,10 @@ def build_student(
         "pool_dim": arch.channels,
         "space": space,
         "teacher": teacher,
-        "head_init": "imagenet-bridge" if bridged else f"random:{seed}",
+        "head_init": f"random:{seed}" if bridge is None else "imagenet-bridge",
     }
     head = Head(arch.channels)
-    head.set_whitening(bridge, torch.zeros(dim))
+    head.set_whitening(W, torch.zeros(dim))
     return Encoder(trunk, head, config).eval()
 
 

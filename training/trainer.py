@@ -34,8 +34,8 @@ from .mining import mine_hard_negatives, nearest_neighbours, random_negatives
 from .validate import ValSet, validate
 
 KT_LOSSES = {"regression", "rkd", "darkrank", "csd"}
-RESUMABLE_CHANGES = {"epochs", "workers", "val_every"}
-MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up to this size  # a resumed run may be extended or given other decoding workers
+RESUMABLE_CHANGES = {"epochs", "workers", "val_every"}  # a resumed run may be extended, given other decoding workers or validated less often
+MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up to this size
 
 
 @dataclass
