@@ -155,6 +155,7 @@ def search(
     rescore: Optional[int] = typer.Option(None, "--rescore", help="Rescore k x R candidates of a compressed scan in float32 (0: none)"),
     backend: str = typer.Option("engine", "--backend", help="engine (C++ kernel), faiss or torch"),
     threads: int = typer.Option(0, "--threads", help="Search threads (0: all cores)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda[:N] with --backend torch (the GPU search path)"),
 ):
     """Top-k by inner product of each query against a store (exact by default)."""
     from .encode import load_vectors
@@ -164,7 +165,8 @@ def search(
 
     store = open_store(store_path)
     q, meta = load_vectors(queries)
-    scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads)
+    scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads,
+                              device=device)
     save_results(out_path, ids, scores)
     console.print(f"wrote top-{ids.shape[1]} of {store.count} for {len(q)} queries to {out_path}")
 

@@ -3,7 +3,7 @@
 Backends answer the same contract, (scores float32 Q x k', ids int64 Q x k'), best first, ties by lower id:
   engine  the C++ module `engine._search` (blocked SIMD kernel, its own thread pool, GIL released);
   faiss   faiss IndexFlatIP per shard (GPU when faiss has one), the baseline it is measured against;
-  torch   torch matmul + topk per shard.
+  torch   torch matmul + topk per shard, on the CPU or a CUDA device (`device`): the GPU search path.
 A compressed copy (float16, bfloat16, int8) scans faster; its k * rescore best candidates are then
 rescored against the float32 copy, so returned scores and order are float32-exact whenever the true top k
 is among the candidates (the benchmark reports how often: recall@100 >= 0.999 at the default factor).
@@ -11,6 +11,7 @@ is among the candidates (the benchmark reports how often: recall@100 >= 0.999 at
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def check_queries(store: Store, queries: np.ndarray, k: int, space: str | None =
         bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
         raise EngineError(f"query {bad} holds NaN or infinite values (or overflows float32)")
     return q
+
+
+def check_device(backend: str, device: str) -> None:
+    """Only the torch backend runs on a chosen device; a CUDA device must exist."""
+    if device == "cpu":
+        return
+    if backend != "torch":
+        raise EngineError(f"backend {backend!r} does not take a device: --device {device} needs --backend torch")
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EngineError(f"unknown device {device!r}: expected cpu or cuda[:N]") from None
+    if dev.type != "cuda" or not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"device {device!r} is not available here: no such CUDA device")
 
 
 def plan_scan(store: Store, scan: str | None = None, rescore: int | None = None) -> tuple[str, int]:
@@ -113,21 +130,35 @@ def _faiss_shard(q: np.ndarray, view: ShardView, k: int, threads: int):
     return index.search(q, k)
 
 
-def _torch_shard(q: np.ndarray, view: ShardView, k: int, threads: int):
+SCORE_BLOCK_BYTES = 1 << 30  # the torch backend's Q x rows score block, bounded on any device
+
+
+def _torch_shard(q: np.ndarray, view: ShardView, k: int, threads: int, device: str):
+    """Scores in float32 (TF32 off on CUDA: the same ranking as on the CPU), in query blocks of bounded size.
+
+    On CUDA a float16 copy crosses the bus as float16 and is widened there; other copies cross as float32.
+    """
     import torch
 
-    old = torch.get_num_threads()
+    dev = torch.device(device)
+    rows = view.vectors if dev.type == "cuda" and view.dtype == "float16" else view.as_float32()
+    with warnings.catch_warnings():  # a read-only memory map: the tensor over it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(rows).to(dev).float()
+    block = max(1, SCORE_BLOCK_BYTES // (4 * view.rows))
+    old_threads, old_tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
     if threads:
         torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        scores = torch.from_numpy(q) @ torch.from_numpy(np.array(view.as_float32())).T
-        s, i = torch.topk(scores, k, dim=1)
+        parts = [torch.topk(torch.from_numpy(q[a:a + block]).to(dev) @ x.T, k, dim=1) for a in range(0, len(q), block)]
     finally:
-        torch.set_num_threads(old)
-    return s.numpy(), i.numpy()
+        torch.set_num_threads(old_threads)
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    return torch.cat([s for s, _ in parts]).cpu().numpy(), torch.cat([i for _, i in parts]).cpu().numpy()
 
 
-def _search_shard(q, view, exact, k, rescore, backend, threads, isa):
+def _search_shard(q, view, exact, k, rescore, backend, threads, isa, device):
     """Top-k of one shard, ids local to it."""
     if backend == "engine":
         from . import _search
@@ -137,7 +168,7 @@ def _search_shard(q, view, exact, k, rescore, backend, threads, isa):
             rescore=rescore, threads=threads, isa=isa,
         )
     c = min(view.rows, k * rescore if exact is not None else k)
-    s, i = (_faiss_shard if backend == "faiss" else _torch_shard)(q, view, c, threads)
+    s, i = _faiss_shard(q, view, c, threads) if backend == "faiss" else _torch_shard(q, view, c, threads, device)
     i = i.astype(np.int64)
     if exact is not None:
         return _rescore_np(q, i, exact, k)
@@ -155,6 +186,7 @@ def search(
     backend: str = "engine",
     threads: int = 0,
     isa: str = "auto",
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows of `store` for each query by inner product.
 
@@ -163,7 +195,8 @@ def search(
     rescore: r, rescore the scan's k * r best per shard against the float32 copy (0 = return the scan's
     scores); both default to the fastest exact setting the store allows (see plan_scan). backend: engine,
     faiss or torch; threads: 0 = all cores; isa: the engine's instruction set (auto or one of
-    engine._search.isa_levels()). Shards are memory-mapped one at a time, never the whole store.
+    engine._search.isa_levels()); device: where the torch backend scores ("cpu", "cuda", "cuda:1"; faiss uses
+    its GPU build by itself when it has one). Shards are memory-mapped one at a time, never the whole store.
     Returns (scores float32 Q x k', ids int64 Q x k'), k' = min(k, store.count), best first, ties by lower
     id, ids being the store's row numbers.
     """
@@ -173,11 +206,12 @@ def search(
         raise EngineError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
         raise EngineError(f"threads must be an integer >= 0 (0 = all cores), got {threads!r}")
+    check_device(backend, device)
     k = int(k)
     scores = np.zeros((len(q), 0), np.float32)
     ids = np.zeros((len(q), 0), np.int64)
     for view, exact in _shard_pairs(store, scan, rescore):
-        s, i = _search_shard(q, view, exact, k, rescore, backend, int(threads), isa)
+        s, i = _search_shard(q, view, exact, k, rescore, backend, int(threads), isa, device)
         scores, ids = merge_topk(scores, ids, s, i + view.start, k)
     return scores, ids
 

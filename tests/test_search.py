@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,31 @@ def store(tmp_path, gallery):
 def test_every_scan_and_backend_is_exact(store, gallery, scan, backend):
     g, q = gallery
     s, i = search(store, q, 25, scan=scan, rescore=None if scan == "float32" else 8, backend=backend)
+    assert_exact(s, i, q, g, 25)
+
+
+search_module = importlib.import_module("engine.search")  # the package exports a function of the same name
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not cuda_available(), reason="the GPU search path needs a CUDA device")
+@pytest.mark.parametrize("scan", ["float32", "float16", "int8"])
+def test_gpu_search_is_exact(store, gallery, scan, monkeypatch):
+    g, q = gallery
+    monkeypatch.setattr(search_module, "SCORE_BLOCK_BYTES", 4 * 300 * 4)  # 4 queries per block: 6 queries, 2 blocks
+    s, i = search(store, q, 25, scan=scan, rescore=None if scan == "float32" else 8, backend="torch", device="cuda")
+    assert_exact(s, i, q, g, 25)
+
+
+def test_torch_backend_scores_in_query_blocks(store, gallery, monkeypatch):
+    g, q = gallery
+    monkeypatch.setattr(search_module, "SCORE_BLOCK_BYTES", 4 * 300 * 4)
+    s, i = search(store, q, 25, scan="float32", backend="torch")
     assert_exact(s, i, q, g, 25)
 
 
@@ -85,6 +112,9 @@ def test_ties_across_shards_go_to_the_lower_id(tmp_path):
         (lambda s, q: search(s, q, 3, rescore=-1), "rescore"),
         (lambda s, q: search(s, q, 3, backend="annoy"), "backend"),
         (lambda s, q: search(s, q, 3, threads=-2), "threads"),
+        (lambda s, q: search(s, q, 3, device="cuda"), "needs --backend torch"),
+        (lambda s, q: search(s, q, 3, backend="torch", device="tpu"), "unknown device|not available"),
+        (lambda s, q: search(s, q, 3, backend="torch", device="cuda:7"), "not available"),
         (lambda s, q: search_stores([], q, 3), "no stores"),
     ],
 )
