@@ -112,6 +112,17 @@ def test_low_precision_map_against_float32(dtype):
     assert rel_err(out, kernels.gem_whiten(x, 3.0, Wm, b, backend="torch")) <= ROUNDING_TOL[dtype]
 
 
+@pytest.mark.parametrize("programs", [1, 8, 64])
+def test_split_c_partials_sum_to_the_whitening(programs):
+    # C = 300 is not a whole number of BLOCK_K steps: the last slice of C is short.
+    g = torch.rand(5, 300, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    Wm = torch.randn(45, 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    part, ss = triton_head.whiten_partials(g, Wm, programs)
+    assert part.shape[0] == ss.shape[0] and (part.shape[0] == 1) == (programs == 1)
+    assert rel_err(part.sum(0), g.double() @ Wm.double().T) <= SAME_INPUT_TOL
+    assert rel_err(ss.sum(0), (g.double() ** 2).sum(1)) <= SAME_INPUT_TOL
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="full-size case only on a CUDA device (AML_KERNELS_CUDA=1)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_full_size_on_cuda(dtype):
@@ -198,15 +209,19 @@ def build(fn, sig, consts):
     return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 
 i32, f32 = "i32", "fp32"
-# Each dtype once, covering both p forms and both tile shapes gem_pool picks.
-for dtype, from_ptr, (block_c, block_s) in [("fp32", True, (16, 64)), ("fp16", False, (64, 32)), ("bf16", True, (64, 32))]:
+# Each dtype once, covering both p forms, both tile shapes gem_pool picks and both spatial addressings.
+for dtype, from_ptr, flat, (block_c, block_s) in [("fp32", True, True, th.GEM_TILE_NCHW), ("fp16", False, False, th.GEM_TILE_NHWC),
+                                                  ("bf16", True, False, th.GEM_TILE_NHWC)]:
     build(th._gem_kernel, dict(x_ptr="*" + dtype, g_ptr="*fp32", p_ptr="*fp32", p_val=f32, C=i32, H=i32,
           Wd=i32, stride_b=i32, stride_c=i32, stride_h=i32, stride_w=i32, eps=f32),
-          dict(P_FROM_PTR=from_ptr, BLOCK_C=block_c, BLOCK_S=block_s))
-for has_bias in (True, False):
-    build(th._whiten_kernel, dict(g_ptr="*fp32", w_ptr="*bf16", b_ptr="*fp32", y_ptr="*fp32", B=i32, C=i32, D=i32,
-          stride_wd=i32, stride_wc=i32, l2_eps=f32), dict(HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64))
-build(th._l2n_kernel, dict(y_ptr="*fp32", out_ptr="*fp32", N=i32, l2_eps=f32), dict(BLOCK=1024))
+          dict(P_FROM_PTR=from_ptr, FLAT_S=flat, BLOCK_C=block_c, BLOCK_S=block_s))
+for w_dtype, block_m in (("bf16", 16), ("fp32", th.WHITEN_TILE[0])):
+    build(th._whiten_kernel, dict(g_ptr="*fp32", w_ptr="*" + w_dtype, part_ptr="*fp32", ss_ptr="*fp32", B=i32, C=i32,
+          D=i32, K_PER=i32, stride_wd=i32, stride_wc=i32),
+          dict(BLOCK_M=block_m, BLOCK_N=th.WHITEN_TILE[1], BLOCK_K=th.WHITEN_TILE[2]))
+for whitened, has_bias in ((True, True), (True, False), (False, False)):
+    build(th._finish_kernel, dict(part_ptr="*fp32", ss_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", B=i32, N=i32,
+          SPLIT=i32, l2_eps=f32), dict(WHITENED=whitened, HAS_BIAS=has_bias, BLOCK=1024))
 print("ok")
 """
     )
