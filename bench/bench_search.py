@@ -15,10 +15,15 @@ session writes a summary table into the "Search" section of bench/RESULTS.md. Th
 its shard kernel on the whole gallery as one shard (what search() does per shard); compressed scans rescore
 100 * R candidates (R = 4) against float32. Figures on a shared machine still move with its load; the ratios
 of one round's calls are reported beside the ratios of medians.
+AML_BENCH_DEVICE=cuda (bench/gpu_check.sh) adds the GPU search path: "torch-cuda" is what `engine search --backend
+torch --device cuda` does per shard (the float16 copy sent to the device, widened, scored in float32, top
+4k rescored on the host), "torch-cuda-resident" the matmul + topk on a gallery already on the device (the floor
+of a GPU scan). Methods whose library is not installed (faiss on the GPU machine) are left out and said so.
 """
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import itertools
 import os
 import re
@@ -44,11 +49,12 @@ elif _GRID == "small":
 else:
     GRID = [tuple(int(v) for v in case.split("x")) for case in _GRID.split(",")]
 ALL_METHODS = os.environ.get("AML_BENCH_ALL") == "1"
+CUDA = os.environ.get("AML_BENCH_DEVICE", "cpu") == "cuda"
 SLOW_BASELINES = ("faiss-sq-fp16", "faiss-sq-8bit", "torch")
 METHODS = [
     "engine-float32", "engine-float16", "engine-bfloat16", "engine-int8",
     "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch",
-]
+] + (["torch-cuda", "torch-cuda-resident"] if CUDA else [])
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROWS: list[dict] = []
 
@@ -139,6 +145,19 @@ def runner(method, g, copies, q):
 
         tg, tq = torch.from_numpy(g), torch.from_numpy(q)
         return (lambda: torch.topk(tq @ tg.T, K, dim=1).indices.numpy()), g.nbytes
+    if method == "torch-cuda":
+        from engine.search import _rescore_np, _torch_shard
+        from engine.store import ShardView
+
+        half = ShardView(0, 0, len(g), "float16", copies["float16"][0], None)
+        exact = ShardView(0, 0, len(g), "float32", g, None)
+        return (lambda: _rescore_np(q, _torch_shard(q, half, K * RESCORE, 0, "cuda")[1], exact, K)[1]), g.nbytes // 2
+    if method == "torch-cuda-resident":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        tg = torch.from_numpy(g).cuda()
+        return (lambda: torch.topk(torch.from_numpy(q).cuda() @ tg.T, K, dim=1).indices.cpu().numpy()), g.nbytes
     import faiss
 
     if method == "faiss-flat":
@@ -162,6 +181,9 @@ def methods_for(n, d, nq) -> tuple[list[str], list[str]]:
     if budget < 0:
         return [], [f"gallery copies need {n * d * 9 / 2**30:.1f} GiB, more than half the available memory"]
     for m in METHODS:
+        if m.startswith("faiss") and importlib.util.find_spec("faiss") is None:
+            left.append(f"{m}: faiss is not installed here")
+            continue
         if nq > 64 and m in SLOW_BASELINES and not ALL_METHODS:
             left.append(f"{m} runs for Q <= 64 only (AML_BENCH_ALL=1 runs it here)")
             continue

@@ -1,56 +1,62 @@
 #!/usr/bin/env bash
-# The descriptor head on a CUDA machine, in one go (under 5 minutes on an H100/H200):
+# Every GPU path on a CUDA machine, tested and timed in one go (about 6 minutes on an H200):
 #   1. nvidia-smi: is there a GPU at all;
-#   2. tests/test_kernels.py with AML_KERNELS_CUDA=1: the compiled Triton kernels on CUDA tensors
-#      against the torch reference (the sweep of odd shapes, plus B=64, C=2048, 24x24, D=2048);
-#   3. bench/bench_head.py: Triton vs eager vs torch.compile, then a short table.
-# Outputs under ${OUT:-bench/out}: nvidia-smi.csv, test_kernels.{txt,xml}, bench_head.{json,md}.
-# Run from anywhere: bash bench/gpu_check.sh. Exit status: non-zero if the tests or the bench failed.
+#   2. the CUDA tests: the compiled Triton head against the torch reference (tests/test_kernels.py with
+#      AML_KERNELS_CUDA=1: the sweep of odd shapes plus B=64, C=2048, 24x24, D=2048), CUDA encoding against
+#      the CPU (tests/test_backends.py) and the GPU search path against the exact top-k (tests/test_search.py);
+#   3. bench/bench_head.py: the Triton head vs eager torch vs torch.compile;
+#   4. bench/bench_encode.py with AML_BENCH_DEVICE=cuda: images/s of students and teachers, the pipeline;
+#   5. bench/bench_search.py with AML_BENCH_DEVICE=cuda: the GPU search path beside the engine's CPU kernel.
+# The C++ search module is built in the background meanwhile (cmake, into engine/), as the tests of step 2's
+# search file and step 5 need it. Outputs under ${OUT:-bench/out}: nvidia-smi.csv, *.json, *.txt, gpu.md
+# (the tables, made by bench/gpu_report.py). Run from anywhere: bash bench/gpu_check.sh. The machine's python3
+# must hold torch (CUDA), triton, pytest, pytest-benchmark, timm, scikit-image and the weights packages
+# (efficientnet-lite0/2); nothing is installed. Exit status: non-zero if a test or a bench failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.csv"; then
     echo "gpu_check: nvidia-smi failed: no usable NVIDIA GPU here" >&2
     exit 2
 fi
-
-# The head needs only torch + triton (+ pytest, pytest-benchmark): run from the source tree when
-# they are there, which skips building the C++ search module; install the package otherwise.
-if "$PY" -c "import torch, triton, pytest, pytest_benchmark; assert torch.cuda.is_available()" 2>/dev/null; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    echo "gpu_check: installing the package (pip install -e .[test])"
-    timeout 240 "$PY" -m pip install -q -e ".[test]" || { echo "gpu_check: install failed" >&2; exit 3; }
-fi
 "$PY" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}')"
 
-AML_KERNELS_CUDA=1 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-    --junitxml="$OUT/test_kernels.xml" 2>&1 | tee "$OUT/test_kernels.txt"
-tests_rc=$?
+build() {
+    cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+        -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null \
+        && cmake --build build/gpu-check -j "$(nproc)" \
+        && cp build/gpu-check/_search*.so engine/
+}
+build >"$OUT/build.txt" 2>&1 &
+build_pid=$!
 
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider bench/bench_head.py \
-    --benchmark-max-time=0.5 --benchmark-json="$OUT/bench_head.json" 2>&1 | tail -n 20
-bench_rc=$?
+pytest() { "$PY" -m pytest -q -p no:cacheprovider "$@"; }
+rc=0
+step() {  # name, timeout, command...: runs one step, its output to $OUT/name.txt; a failure is remembered
+    local name=$1 limit=$2
+    shift 2
+    echo "gpu_check: $name"
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    local r=$?
+    tail -n 4 "$OUT/$name.txt"
+    [ "$r" -eq 0 ] || { echo "gpu_check: $name failed (exit $r)"; rc=1; }
+}
 
-if [ -f "$OUT/bench_head.json" ]; then
-    "$PY" - "$OUT/bench_head.json" "$OUT/bench_head.md" <<'EOF'
-import json
-import sys
+step test_kernels 150 env AML_KERNELS_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step test_encode_cuda 90 pytest tests/test_backends.py -k cuda
+step bench_head 150 pytest bench/bench_head.py --benchmark-max-time=0.5 --benchmark-json="$OUT/bench_head.json"
+step bench_encode 180 env AML_BENCH_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider bench/bench_encode.py \
+    --benchmark-json="$OUT/bench_encode.json"
+wait "$build_pid" || { echo "gpu_check: the C++ build failed (see build.txt)"; rc=1; }
+step test_search_cuda 60 pytest tests/test_search.py -k "gpu or blocks"
+step bench_search 180 env AML_BENCH_DEVICE=cuda AML_BENCH_ROUNDS=3 \
+    AML_BENCH_GRID="${AML_GPU_SEARCH_GRID:-1000000x512x1,1000000x512x1024,100000x2048x1024}" \
+    "$PY" -m pytest -q -p no:cacheprovider bench/bench_search.py --benchmark-json="$OUT/bench_search.json"
 
-runs = json.load(open(sys.argv[1]))
-lines = ["| case | backend | median us | min us | GB/s |", "|---|---|---|---|---|"]
-for b in runs["benchmarks"]:
-    case, backend = b["param"].rsplit("-", 1)
-    s, e = b["stats"], b["extra_info"]
-    lines.append(f"| {case} | {backend} | {s['median'] * 1e6:.1f} | {s['min'] * 1e6:.1f} | {e['gb_per_s']} |")
-device = runs["benchmarks"][0]["extra_info"]["device"] if runs["benchmarks"] else "?"
-text = f"Descriptor head on {device} ({runs['datetime']}), per call including a synchronize:\n\n" + "\n".join(lines)
-open(sys.argv[2], "w").write(text + "\n")
-print(text)
-EOF
-fi
-echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc; outputs in $OUT"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+"$PY" bench/gpu_report.py "$OUT" | tee "$OUT/gpu.md"
+echo "gpu_check: done, exit $rc; outputs in $OUT"
+exit "$rc"

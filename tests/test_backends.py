@@ -146,6 +146,17 @@ def test_encode_pipeline_backends_agree_and_keep_order(student, cache, jpegs):
         encode_to_array(student, items, EncodeOptions(backend="torch", **{**base, "skip_bad": False}))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA encoding path needs a CUDA device")
+def test_cuda_encoding_matches_the_cpu(jpegs):
+    items = [(p, [20, 10, 400, 300] if i % 2 else None) for i, p in enumerate(jpegs) if i != 3]
+    base = dict(max_side=224, batch_size=3, progress=False, backend="torch")
+    cpu, _, _ = encode_to_array(build_student("effnet-lite0", 1280, "s"), items, EncodeOptions(device="cpu", **base))
+    gpu, _, _ = encode_to_array(build_student("effnet-lite0", 1280, "s"), items, EncodeOptions(device="cuda", **base))
+    # cuDNN convolves in TF32 by default: unit vectors agree to about 1e-3, and so do their rankings.
+    assert np.abs(cpu - gpu).max() < 5e-3
+    np.testing.assert_array_equal(np.argsort(-cpu @ cpu.T, 1)[:, :3], np.argsort(-gpu @ gpu.T, 1)[:, :3])
+
+
 def test_to_batch_gives_load_image_values(jpegs):
     same_size = [jpegs[i] for i in (0, 5, 7)]  # the astronaut and two of its mirrorings
     x = to_batch([read_image(p, 100) for p in same_size], torch.device("cpu"))
