@@ -425,11 +425,13 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
     train: Optional[str] = typer.Option(None, "--train", help="Also train the student with this loss (e.g. regression) and score it"),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs with --train"),
+    scales: str = typer.Option("1", "--scales", help="Test-time multi-scale factors, e.g. 1,0.707,0.5 (METHOD.md's protocol)"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
     from .demo import run_demo
 
-    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs)
+    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs,
+                       scales=parse_scales(scales))
     if as_json:
         print(json.dumps(results["metrics"]))
     else:

@@ -7,6 +7,7 @@ symmetric (the student encodes both sides), student asymmetric (student queries,
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,13 @@ def _real_pairs(gnd_path: Path, teacher, student, opts: EncodeOptions) -> dict[s
 
 
 def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilenetv2", log: Console | None = None,
-             difficulty: str = "medium", seed: int = 0, train_loss: str | None = None, epochs: int = 10) -> dict:
+             difficulty: str = "medium", seed: int = 0, train_loss: str | None = None, epochs: int = 10,
+             scales: tuple[float, ...] = (1.0,)) -> dict:
     """Run the demo into `out_dir`; returns {"metrics": {setting: eval dict}, "benchmark": str, "notes": [str]}.
 
     train_loss: also train the student with this loss on the training split and add the
-    `student_trained_asym` and `student_trained_sym` settings.
+    `student_trained_asym` and `student_trained_sym` settings. scales: the test images' multi-scale factors
+    (METHOD.md's protocol is 1, 1/sqrt(2), 1/2); the training images are encoded at one scale, as there.
     """
     from .datasets.photos import photos_in
     from .datasets.views import build_views
@@ -109,7 +112,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
 
     teacher = build_teacher(TEACHER)
     stu = build_student(student, teacher.dim, teacher.space, teacher=teacher.name, bridge_to=teacher)
-    opts = EncodeOptions(max_side=MAX_SIDE, workers=default_workers())
+    opts = EncodeOptions(max_side=MAX_SIDE, workers=default_workers(), scales=tuple(scales))
     log.print(f"teacher {teacher.name} (D = {teacher.dim}); untrained student {stu.name}")
 
     opts.label = "teacher gallery"
@@ -132,7 +135,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
         from .models import load_checkpoint
 
         log.print(f"training the student ({train_loss}, {epochs} epochs) on the benchmark's training scenes")
-        trained = load_checkpoint(_train(teacher, student, train_loss, bench, out_dir, opts, epochs))
+        trained = load_checkpoint(_train(teacher, student, train_loss, bench, out_dir, replace(opts, scales=(1.0,)), epochs))
         opts.label = "trained student gallery"
         ts_store = encode_to_store(trained, gallery, cfg["imlist"], out_dir / f"trained-{train_loss}.store", opts,
                                    rebuild_stale=True)
