@@ -34,7 +34,7 @@ build() {
 build >"$OUT/build.txt" 2>&1 &
 build_pid=$!
 
-pytest() { "$PY" -m pytest -q -p no:cacheprovider "$@"; }
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)  # an array, not a function: `timeout` runs programs only
 rc=0
 step() {  # name, timeout, command...: runs one step, its output to $OUT/name.txt; a failure is remembered
     local name=$1 limit=$2
@@ -46,16 +46,15 @@ step() {  # name, timeout, command...: runs one step, its output to $OUT/name.tx
     [ "$r" -eq 0 ] || { echo "gpu_check: $name failed (exit $r)"; rc=1; }
 }
 
-step test_kernels 150 env AML_KERNELS_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
-step test_encode_cuda 90 pytest tests/test_backends.py -k cuda
-step bench_head 150 pytest bench/bench_head.py --benchmark-max-time=0.5 --benchmark-json="$OUT/bench_head.json"
-step bench_encode 180 env AML_BENCH_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider bench/bench_encode.py \
-    --benchmark-json="$OUT/bench_encode.json"
+step test_kernels 150 env AML_KERNELS_CUDA=1 "${PYTEST[@]}" tests/test_kernels.py
+step test_encode_cuda 90 "${PYTEST[@]}" tests/test_backends.py -k cuda
+step bench_head 150 "${PYTEST[@]}" bench/bench_head.py --benchmark-max-time=0.5 --benchmark-json="$OUT/bench_head.json"
+step bench_encode 180 env AML_BENCH_DEVICE=cuda "${PYTEST[@]}" bench/bench_encode.py --benchmark-json="$OUT/bench_encode.json"
 wait "$build_pid" || { echo "gpu_check: the C++ build failed (see build.txt)"; rc=1; }
-step test_search_cuda 60 pytest tests/test_search.py -k "gpu or blocks"
+step test_search_cuda 60 "${PYTEST[@]}" tests/test_search.py -k "gpu or blocks"
 step bench_search 180 env AML_BENCH_DEVICE=cuda AML_BENCH_ROUNDS=3 \
     AML_BENCH_GRID="${AML_GPU_SEARCH_GRID:-1000000x512x1,1000000x512x1024,100000x2048x1024}" \
-    "$PY" -m pytest -q -p no:cacheprovider bench/bench_search.py --benchmark-json="$OUT/bench_search.json"
+    "${PYTEST[@]}" bench/bench_search.py --benchmark-json="$OUT/bench_search.json"
 
 "$PY" bench/gpu_report.py "$OUT" | tee "$OUT/gpu.md"
 echo "gpu_check: done, exit $rc; outputs in $OUT"

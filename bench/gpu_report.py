@@ -10,8 +10,11 @@ from pathlib import Path
 
 
 def load(out: Path, name: str) -> dict | None:
-    path = out / f"bench_{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """A step's JSON, or None when the step wrote none (or an unfinished one)."""
+    try:
+        return json.loads((out / f"bench_{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -68,7 +71,7 @@ def main(out: Path) -> str:
     for name, render in (("head", head), ("encode", encode), ("search", search)):
         runs = load(out, name)
         if runs is None:
-            lines += [f"bench_{name}.json: missing (that step failed or timed out)", ""]
+            lines += [f"bench_{name}.json: missing or unreadable (that step failed or timed out)", ""]
             continue
         if name == "head":
             machine = runs["machine_info"].get("cpu", {}).get("brand_raw", "")
