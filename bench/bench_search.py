@@ -146,12 +146,12 @@ def runner(method, g, copies, q):
         tg, tq = torch.from_numpy(g), torch.from_numpy(q)
         return (lambda: torch.topk(tq @ tg.T, K, dim=1).indices.numpy()), g.nbytes
     if method == "torch-cuda":
-        from engine.search import _rescore_np, _torch_shard
+        from engine.search import _search_shard
         from engine.store import ShardView
 
         half = ShardView(0, 0, len(g), "float16", copies["float16"][0], None)
         exact = ShardView(0, 0, len(g), "float32", g, None)
-        return (lambda: _rescore_np(q, _torch_shard(q, half, K * RESCORE, 0, "cuda")[1], exact, K)[1]), g.nbytes // 2
+        return (lambda: _search_shard(q, half, exact, K, RESCORE, "torch", 0, "auto", "cuda")[1]), g.nbytes // 2
     if method == "torch-cuda-resident":
         import torch
 
