@@ -1,9 +1,8 @@
 """Search over stores: shards streamed and merged, scan/rescore plans, backends, several stores, errors, memory."""
+import importlib
 import subprocess
 import sys
 import textwrap
-
-import importlib
 
 import numpy as np
 import pytest
