@@ -113,8 +113,8 @@ class Trainer:
                  progress: bool | None = None, init: str | Path | None = None):
         cfg.check()
         if cfg.center:
-            # The teacher's vectors share a large mean (ReLU features): it adds the same to every gallery
-            # score of a query, so it carries no ranking, yet it would dominate a regression loss.
+            # The teacher's vectors share a large mean m (ReLU features): it adds m . g to gallery image g's
+            # score for every query alike, nothing query-specific, yet it would dominate a regression loss.
             centred = data.teacher - data.teacher.mean(axis=0)
             data = replace(data, teacher=centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
         self.cfg, self.data, self.val = cfg, data, val
