@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EngineError
+from .errors import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EngineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Asymmetric image retrieval: teacher galleries, student queries, fast top-k search.")
@@ -446,11 +448,24 @@ app.command("report", help="A static HTML retrieval report: metrics, plots, per-
 
 
 def main() -> None:
+    """The `engine` command. Exit codes: 0 done, 1 bad input (one line on stderr), 2 usage (click's),
+    70 the engine's own bug (a traceback only with AML_DEBUG=1 or --debug), 130 interrupted."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("AML_DEBUG") == "1"
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
     try:
         app()
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_INPUT)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # not the user's input: a bug of the engine's
+        if debug:
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(at {Path(where.filename).name}:{where.lineno}; rerun with --debug for the traceback, and report it)",
+              file=sys.stderr)
+        sys.exit(EXIT_BUG)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.datasets.revisited import load_gnd
-from engine.errors import EngineError
+from engine.errors import EXIT_INPUT, EngineError
 from engine.evaluate import PROTOCOLS, compute_map, ranks_from_ids
 from engine.report import write_report
 from engine.report.curves import precision_recall
@@ -216,4 +216,4 @@ def test_cli_report(bench, tmp_path, run_cli):
     assert (tmp_path / "r" / "index.html").exists() and "wrote" in err
     code, _, err = run_cli("report", "--gnd", root / "gnd.pkl", "--results", root / "teacher.npz", "--label", "a", "--label", "b",
                            "--out", tmp_path / "r2")
-    assert code == 2 and err.startswith("error: 2 --label for 1 --results")
+    assert code == EXIT_INPUT and err.startswith("error: 2 --label for 1 --results")
