@@ -58,30 +58,6 @@ def _disk_error(e: OSError, path: Path) -> EngineError | None:
     return None
 
 
-@contextmanager
-def writing(path: str | Path) -> Iterator[BinaryIO]:
-    """`with writing(path) as f: f.write(...)`: a binary file that replaces `path` whole when the block ends.
-
-    The parent folder is created. If the block raises, `path` is untouched and the temporary file removed;
-    a full disk or file-size limit becomes an EngineError naming `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and (err := _disk_error(e, path)) is not None:
-            raise err from None
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data`, atomically and durably."""
     with writing(path) as f:
@@ -112,8 +88,8 @@ def save_npy(path: str | Path, array: np.ndarray) -> str:
 
 @contextmanager
 def written_by(path: str | Path) -> Iterator[Path]:
-    """For writers that need a file name (pyarrow, onnx, torch.onnx.export): yields a temporary path that
-    replaces `path` whole when the block ends, and is removed if it raises."""
+    """For writers that need a file name (pyarrow, safetensors, torch.onnx.export): yields a temporary path that
+    replaces `path` whole when the block ends (fsynced, then renamed), and is removed if the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
@@ -128,3 +104,14 @@ def written_by(path: str | Path) -> Iterator[Path]:
             raise err from None
         raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[BinaryIO]:
+    """`with writing(path) as f: f.write(...)`: a binary file that replaces `path` whole when the block ends.
+
+    The parent folder is created. If the block raises, `path` is untouched and the temporary file removed;
+    a full disk or file-size limit becomes an EngineError naming `path`.
+    """
+    with written_by(path) as tmp, open(tmp, "wb") as f:
+        yield f
