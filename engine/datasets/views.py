@@ -19,7 +19,6 @@ The same arguments give byte-identical pickles.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EngineError
+from ..pickles import write_pickle
 from . import geometry as geo
 from .photos import MIN_PHOTOS, OPENCV_DOC_DATA, default_photos, fit, load_photo, real_pairs
 
@@ -362,12 +362,6 @@ def _pairs_gnd(size: int, rule: geo.LabelRule, jpg_dir: Path, data_dir: Path) ->
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
 
 
-def _write_pickle(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
-
-
 def build_views(
     out_dir: str | Path,
     photos: list[Path] | None = None,
@@ -422,12 +416,12 @@ def build_views(
 
     test_gnd, val_gnd = _gnd(test), _gnd(val)
     db = {"train": _db(train), "val": _db(train_val)}
-    _write_pickle(test_gnd, out / "test" / "gnd.pkl")
-    _write_pickle(val_gnd, out / "val" / "gnd.pkl")
-    _write_pickle(db, out / "train" / "db.pkl")
+    write_pickle(test_gnd, out / "test" / "gnd.pkl")
+    write_pickle(val_gnd, out / "val" / "gnd.pkl")
+    write_pickle(db, out / "train" / "db.pkl")
     pairs = _pairs_gnd(size, rule, jpg_dir, data_dir) if data_dir else None
     if pairs is not None:
-        _write_pickle(pairs, out / "pairs" / "gnd.pkl")
+        write_pickle(pairs, out / "pairs" / "gnd.pkl")
 
     info = {
         "seed": seed,
