@@ -128,7 +128,7 @@ def test_photos_in_missing_or_too_small_folder(tmp_path):
 def test_unreadable_photo_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(EngineError, match="not a readable image") as e:
+    with pytest.raises(EngineError, match="cannot decode image") as e:
         load_photo(bad)
     assert str(bad) in str(e.value)
 
