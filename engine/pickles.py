@@ -96,7 +96,7 @@ def _from_bytes(data, dtype, shape, order: str) -> np.ndarray:
     if isinstance(data, str):
         data = data.encode("latin1")
     if not isinstance(data, (bytes, bytearray)):
-        raise _Refused(f"array data of type {type(data).__name__} (an object array)")
+        raise _Refused(f"array data of type {type(data).__name__}, not bytes")
     shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ValueError(f"array shape {shape!r}")
@@ -129,15 +129,17 @@ def _frombuffer(buffer, dtype, shape, order="C"):
 def _codecs_encode(text, encoding="utf-8"):
     """Protocols 0-2 store bytes as `_codecs.encode(str, 'latin1')`; no other codec is needed or admitted."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode with {encoding!r}")
+        raise _Refused(f"_codecs.encode({type(text).__name__}, {encoding!r})")
     return text.encode("latin1")
 
 
 def _bytes(*args):
     """Protocols 0-1 store b'' as `bytes()`; a size (`bytes(10**12)`) would be an allocation, not data."""
-    if args:
-        return _codecs_encode(*args)
-    return b""
+    if not args:
+        return b""
+    if not isinstance(args[0], str):
+        raise _Refused(f"builtins.bytes({type(args[0]).__name__})")
+    return _codecs_encode(*args)
 
 
 _ALLOWED = {
@@ -145,11 +147,8 @@ _ALLOWED = {
     ("numpy", "dtype"): _Dtype,
     ("_codecs", "encode"): _codecs_encode,
     ("builtins", "bytes"): _bytes,
-    ("__builtin__", "bytes"): _bytes,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "set"): set,
-    ("__builtin__", "frozenset"): frozenset,
     **{(f"{m}.multiarray", "_reconstruct"): _reconstruct for m in ("numpy.core", "numpy._core")},
     **{(f"{m}.multiarray", "scalar"): _scalar for m in ("numpy.core", "numpy._core")},
     **{(f"{m}.numeric", "_frombuffer"): _frombuffer for m in ("numpy.core", "numpy._core")},
@@ -158,6 +157,7 @@ _ALLOWED = {
 
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        module = "builtins" if module == "__builtin__" else module  # Python 2's name, and protocol 2's from Python 3
         found = _ALLOWED.get((module, name))
         if found is None:
             raise _Refused(f"{module}.{name}")

@@ -416,6 +416,7 @@ def build_views(
     if len(photos) < MIN_PHOTOS:
         raise EngineError(f"{len(photos)} photographs given, a benchmark needs at least {MIN_PHOTOS}")
     d = DIFFICULTIES[difficulty]
+    sources = [load_photo(path, size) for path in photos]  # every photograph decoded before anything is written
     out = Path(out_dir)
     jpg_dir = out / "jpg"
     jpg_dir.mkdir(parents=True, exist_ok=True)
@@ -424,8 +425,7 @@ def build_views(
     split = split_scenes(photos, seed, train_fraction, pinned)
 
     test, val, train, train_val = [], [], [], []
-    for s, path in enumerate(photos):
-        source = load_photo(path, size)
+    for s, (path, source) in enumerate(zip(photos, sources)):
         src = (source.shape[1], source.shape[0])
         prefix = f"{s:02d}_{_stem(path)}"
         if split[s] == "test":
