@@ -3,7 +3,6 @@ EXIT_INPUT with one line naming the file. The payloads are first shown to run un
 import io
 import os
 import pickle
-import struct
 import subprocess
 from pathlib import Path
 
