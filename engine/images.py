@@ -1,4 +1,7 @@
-"""Reading images for the encoders: decode, convert to RGB, crop, resize; every failure names the file."""
+"""Reading images: the one decoder of the engine (encoders, report thumbnails, views photographs), then crop and resize.
+
+Every failure names the file.
+"""
 from __future__ import annotations
 
 import warnings
@@ -14,39 +17,52 @@ from .errors import EngineError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MIN_SIDE = 32  # the trunks' stride: a smaller input leaves no feature map to pool
 DEFAULT_MAX_SIDE = 362
-# Decompression-bomb guard: refuse images over this many pixels before decoding them.
-MAX_PIXELS = 400_000_000
+# Decompression-bomb guard: an image whose header claims more pixels is refused before any pixel is decoded.
+# 100 MP (e.g. 12000 x 8000, 300 MB as RGB) is above any camera photograph the benchmarks hold.
+MAX_PIXELS = 100_000_000
+BACKGROUND = (255, 255, 255)  # what transparent pixels show: the image as it looks on a white page
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16/32-bit integer and float grayscale
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: grayscale, palette, CMYK and alpha are converted; 16/32-bit scaled down."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+    """Any PIL mode -> 8-bit RGB, one defined way.
+
+    16/32-bit and float grayscale: scaled so the image's maximum is 255 (the range a 12- or 16-bit sensor
+    used, not the type's). Transparency (an alpha band, a palette or RGB with a transparent colour):
+    composited on BACKGROUND (white). Grayscale, palette, CMYK, YCbCr, 1-bit: Pillow's conversion to RGB.
+    """
+    if img.mode in _DEEP_MODES:
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
         hi = a.max() if a.size and a.max() > 0 else 1.0
-        img = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
+        img = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (*BACKGROUND, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to RGB (EXIF orientation applied). Raises EngineError naming the file on failure."""
+    """Decode an image file to an 8-bit RGB PIL image, EXIF orientation applied, modes converted by `_to_rgb`.
+
+    Raises EngineError naming the file when it is missing, when its header claims more than MAX_PIXELS
+    pixels (checked before decoding: a decompression bomb costs nothing), or when it cannot be decoded.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise EngineError("image not found", path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides, below
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise EngineError(f"image is {img.width}x{img.height}, over the {MAX_PIXELS} pixel limit", path)
+                    raise EngineError(f"image header claims {img.width}x{img.height} pixels, over the {MAX_PIXELS} "
+                                      f"pixel limit (not decoded)", path)
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(ImageOps.exif_transpose(img))
     except EngineError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own, stricter-than-ours check fired first in Image.open
+        raise EngineError(f"image header claims too many pixels, over the {MAX_PIXELS} pixel limit (not decoded: {e})"
+                          .splitlines()[0], path) from None
     except Exception as e:  # PIL raises many types for a bad file
         raise EngineError(f"cannot decode image ({type(e).__name__}: {e})".splitlines()[0], path) from None
 

@@ -218,6 +218,54 @@ def test_flatten_refuses_two_files_with_one_name(server, tmp_path):
         dl.download("rparis6k", tmp_path / "data", base_url=base)
 
 
+def test_kept_files_are_checked_again_on_every_run(server, tmp_path):
+    base, folder, log, _ = server
+    rparis_fixture(folder)
+    root = tmp_path / "data"
+    dl.download("rparis6k", root, base_url=base)
+    marker = json.loads((root / "rparis6k" / "paris_1-v1.tgz.unpacked").read_text())
+    lock = json.loads((root / "rparis6k" / dl.LOCK).read_text())
+    assert marker == {"files": 2, "sha256": lock["rparis6k/paris_1-v1.tgz"]["sha256"]}
+    gnd = root / "rparis6k" / "gnd_rparis6k.pkl"
+    gnd.write_bytes(gnd.read_bytes()[:-1] + b"!")  # changed after it was verified (by hand, or by anyone)
+    requests = len(log)
+    with pytest.raises(EngineError, match=r"gnd_rparis6k.pkl: sha256 .* does not match the first download's .* "
+                                          r"the file changed since it was verified"):
+        dl.download("rparis6k", root, base_url=base)
+    assert len(log) == requests  # nothing fetched, nothing replaced silently
+    gnd.unlink()
+    dl.download("rparis6k", root, base_url=base)
+    assert pickle.loads(gnd.read_bytes())["qimlist"] == ["paris_louvre_000003"]
+
+
+def test_pinned_checksums(server, tmp_path):
+    base, folder, _, _ = server
+    rparis_fixture(folder)
+    served = (folder / urlparse(dl.DATASETS["rparis6k"][2].url).path.lstrip("/")).read_bytes()
+    good = hashlib.sha256(served).hexdigest()
+    root = tmp_path / "data"
+    with pytest.raises(EngineError, match="does not match the pinned " + "0" * 64):
+        dl.download("rparis6k", root, base_url=base, pins={"gnd_rparis6k.pkl": "0" * 64})
+    assert not (root / "rparis6k" / "gnd_rparis6k.pkl").exists()
+    dl.download("rparis6k", root, base_url=base, pins=dl.parse_pins([f"gnd_rparis6k.pkl={good.upper()}"]))
+    assert (root / "rparis6k" / "gnd_rparis6k.pkl").read_bytes() == served
+    dl.download("rparis6k", root, base_url=base, pins={"rparis6k/gnd_rparis6k.pkl": good})  # by path too
+    with pytest.raises(EngineError, match="pinned checksum for 'gnd_roxford5k.pkl', which is no file of this dataset"):
+        dl.download("rparis6k", root, base_url=base, pins={"gnd_roxford5k.pkl": good})
+    for bad in ("gnd_rparis6k.pkl", "gnd_rparis6k.pkl=abc", "=" + good, f"x={good}0"):
+        with pytest.raises(EngineError, match="FILE=SHA256"):
+            dl.parse_pins([bad])
+
+
+def test_sources_are_https_and_no_digest_is_invented():
+    urls = [r.url for remotes in dl.DATASETS.values() for r in remotes]
+    own = [u for u in urls if "/networks/" not in u]  # the teachers' base URL lives in engine/cirtorch.py
+    assert own and all(u.startswith("https://") for u in own)
+    published = {r.path: r.sha256 for remotes in dl.DATASETS.values() for r in remotes if r.sha256 != dl.UNKNOWN}
+    assert published == {"networks/retrievalSfM120k-resnet101-gem-b80fb85.pth": "b80fb85",
+                         "networks/retrievalSfM120k-vgg16-gem-b4dcdc6.pth": "b4dcdc6"}  # the names' own prefixes
+
+
 def test_registry_covers_the_published_files():
     assert set(dl.DATASETS) == {"roxford5k", "rparis6k", "sfm120k", "r1m", "resnet101-gem", "vgg16-gem"}
     assert len([r for r in dl.DATASETS["r1m"] if r.unpack_to]) == 100

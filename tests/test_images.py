@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.datasets.photos import load_photo
 from engine.errors import EngineError
-from engine.images import MIN_SIDE, fit_size, list_images, load_image
+from engine.images import MIN_SIDE, fit_size, list_images, load_image, open_rgb, read_image
+from engine.report.thumbs import thumbnails
 
 
 def test_grayscale_cmyk_16bit_and_alpha_become_rgb(tmp_path):
@@ -60,3 +62,61 @@ def test_list_images_from_folder_and_list_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EngineError, match="holds no images"):
         list_images(tmp_path / "empty")
+
+
+def transparent_images(folder):
+    """The same 2 x 3 blocks of 20 x 20 pixels in three transparent forms: opaque red, a half-transparent green,
+    fully transparent pixels whose hidden colour is black or blue. Returns {file name: expected 2 x 3 RGB on white}."""
+    blocks = np.array([[[255, 0, 0, 255], [0, 255, 0, 128], [0, 0, 0, 0]],
+                       [[0, 0, 255, 0], [255, 0, 0, 255], [0, 0, 0, 0]]], np.uint8)
+    rgba = blocks.repeat(20, axis=0).repeat(20, axis=1)
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    la = np.stack([rgba[..., 0], rgba[..., 3]], axis=-1)
+    Image.fromarray(la, "LA").save(folder / "la.png")
+    pal = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    index_of_black = pal.getpixel((59, 0))
+    pal.save(folder / "palette.png", transparency=index_of_black)  # black pixels (the last column of blocks) transparent
+    white = [255, 255, 255]
+    half_green = [127, 255, 127]
+    return {
+        "rgba.png": [[[255, 0, 0], half_green, white], [white, [255, 0, 0], white]],
+        "la.png": [[[255] * 3, [127] * 3, white], [white, [255] * 3, white]],
+        "palette.png": [[[255, 0, 0], [0, 255, 0], white], [[0, 0, 255], [255, 0, 0], white]],
+    }
+
+
+def test_transparency_is_composited_on_white_by_every_reader(tmp_path):
+    for name, expected in transparent_images(tmp_path).items():
+        decoded = np.asarray(open_rgb(tmp_path / name)).astype(int)
+        assert decoded.shape == (40, 60, 3)
+        assert np.abs(decoded[::20, ::20] - np.array(expected)).max() <= 1, name
+        # the views benchmark's photographs and the encoders' input come from the same decoder
+        assert np.array_equal(load_photo(tmp_path / name), decoded)
+        assert np.array_equal(read_image(tmp_path / name, max_side=4096), decoded)
+
+
+def test_thumbnails_use_the_same_decoder(tmp_path):
+    big = np.zeros((64, 96, 4), np.uint8)  # transparent black everywhere except an opaque red square
+    big[16:48, 16:48] = [255, 0, 0, 255]
+    Image.fromarray(big, "RGBA").save(tmp_path / "a.png")
+    (name,) = thumbnails([(tmp_path / "a.png", None, 48)], tmp_path / "thumbs")
+    thumb = np.asarray(Image.open(tmp_path / "thumbs" / name)).astype(int)
+    assert thumb.shape == (32, 48, 3)
+    assert (thumb[2, 40] > 240).all()  # a transparent corner shows white, as the encoders see it, not black
+    assert thumb[16, 16, 0] > 200 and thumb[16, 16, 1:].max() < 60
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert thumbnails([(tmp_path / "bad.png", None, 48)], tmp_path / "thumbs") == [None]
+    assert sorted(p.name for p in (tmp_path / "thumbs").iterdir()) == [name]  # nothing half-written left
+
+
+def test_exif_orientation_is_applied_everywhere(tmp_path):
+    a = np.zeros((40, 80, 3), np.uint8)
+    a[:, :40] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(a).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    upright = np.asarray(open_rgb(tmp_path / "turned.jpg"))
+    assert upright.shape == (80, 40, 3) and upright[5:35].mean() > 200 and upright[45:].mean() < 50
+    assert load_photo(tmp_path / "turned.jpg").shape == (80, 40, 3)
+    (name,) = thumbnails([(tmp_path / "turned.jpg", None, 40)], tmp_path / "thumbs")
+    assert Image.open(tmp_path / "thumbs" / name).size == (20, 40)

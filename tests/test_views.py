@@ -128,7 +128,7 @@ def test_photos_in_missing_or_too_small_folder(tmp_path):
 def test_unreadable_photo_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(EngineError, match="not a readable image") as e:
+    with pytest.raises(EngineError, match="cannot decode image") as e:
         load_photo(bad)
     assert str(bad) in str(e.value)
 
@@ -268,9 +268,32 @@ def test_real_pairs_benchmark(photo_dir, tmp_path):
     assert graf["hard"] == [cfg["imlist"].index("pairs_graf_2")]  # the 40-degree viewpoint stretches it 1.6x
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"difficulty": "brutal"}, "unknown difficulty 'brutal'"),
+    ({"train_fraction": 1.5}, "train_fraction .* must be between 0 and 1, exclusive, got 1.5"),
+    ({"train_fraction": 1.0}, "train_fraction .* got 1.0"),
+    ({"train_fraction": 0}, "train_fraction .* got 0"),
+    ({"train_fraction": -0.2}, "train_fraction .* got -0.2"),
+    ({"train_fraction": float("nan")}, "train_fraction .* got nan"),
+    ({"train_fraction": "0.5"}, "train_fraction .* got '0.5'"),
+    ({"n_train": 0}, "n_train .* at least 2 .* got 0"),
+    ({"n_train": 1}, "n_train .* at least 2 \\(a training pair needs two views"),
+    ({"n_train": -3}, "n_train .* got -3"),
+    ({"n_gallery": 0}, "n_gallery .* at least 1, got 0"),
+    ({"n_queries": 2.5}, "n_queries .* got 2.5"),
+    ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+    ({"seed": 1.5}, "seed must be a non-negative integer, got 1.5"),
+    ({"size": 8}, "size .* from 32 to 4096 pixels, got 8"),
+    ({"size": 10**6}, "size .* got 1000000"),
+])
+def test_out_of_range_arguments_are_refused_before_writing(photo_dir, tmp_path, change, message):
+    with pytest.raises(EngineError, match=message):
+        build_views(tmp_path / "out", photos=photos_in(photo_dir), **{**SMALL, **change})
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_arguments(photo_dir, tmp_path):
-    with pytest.raises(EngineError, match="unknown difficulty 'brutal'"):
-        build_views(tmp_path, photos=photos_in(photo_dir), difficulty="brutal")
     with pytest.raises(EngineError, match="at least 4"):
         build_views(tmp_path, photos=photos_in(photo_dir)[:2])
     assert set(DIFFICULTIES) == {"easy", "medium", "hard", "extreme"}
+

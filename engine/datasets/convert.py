@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EngineError
+from ..pickles import write_pickle
 
 SPLITS = ("train", "val")
 LABELS = {"positive": "easy", "easy": "easy", "hard": "hard", "junk": "junk"}
@@ -90,7 +90,7 @@ def convert_training(images_file: str | Path, out_path: str | Path, pairs_file: 
         pairs = {s: _sample_pairs(clusters[s], rng) for s in SPLITS}
     db = {s: {"cids": names[s], "cluster": clusters[s], "qidxs": [q for q, _ in pairs[s]],
               "pidxs": [p for _, p in pairs[s]]} for s in SPLITS}
-    _write_pickle(db, out_path)
+    write_pickle(db, out_path)
     return {"db": str(out_path), "images_root": str(root),
             **{s: {"images": len(names[s]), "clusters": len(set(clusters[s])), "pairs": len(pairs[s])} for s in SPLITS}}
 
@@ -133,7 +133,7 @@ def convert_test(gallery_file: str | Path, queries_file: str | Path, labels_file
     for entry in gnd:
         for key in ("easy", "hard", "junk"):
             entry[key].sort()
-    _write_pickle({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, Path(out_path))
+    write_pickle({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, Path(out_path))
     return {"gnd": str(out_path), "images_root": str(root), "gallery": len(imlist), "queries": len(qimlist),
             "queries_without_positives": sum(not (e["easy"] or e["hard"]) for e in gnd)}
 
@@ -218,11 +218,3 @@ def _sample_pairs(cluster: list[int], rng: np.random.Generator) -> list[tuple[in
             r = int(rng.integers(len(m) - 1))
             pairs.append((i, m[r if r < pos else r + 1]))  # r skips the query's own position
     return sorted(pairs)
-
-
-def _write_pickle(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
-    tmp.replace(path)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
 
 from ..errors import EngineError
+from ..images import open_rgb
 
 OPENCV_DOC_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -141,17 +141,13 @@ def read_homography(path: Path) -> np.ndarray:
 
 
 def load_photo(path: str | Path, max_side: int | None = None) -> np.ndarray:
-    """Read a photograph as an (H, W, 3) uint8 RGB array, EXIF-rotated, alpha dropped.
+    """Read a photograph as an (H, W, 3) uint8 RGB array through the engine's one decoder (`images.open_rgb`:
+    EXIF-rotated, transparency on white, size-checked before decoding).
 
     With max_side, the image is resized (area filter down, cubic up) so its longer side is max_side.
     Raises EngineError naming the file when it cannot be read as an image.
     """
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise EngineError(f"not a readable image ({e})".splitlines()[0], path) from None
+    rgb = np.asarray(open_rgb(path))
     return rgb if max_side is None else fit(rgb, max_side)
 
 

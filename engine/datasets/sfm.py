@@ -8,7 +8,7 @@ Image layouts: 'sfm' (real SfM-120k) `ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<
 """
 from __future__ import annotations
 
-import pickle
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EngineError
-from .revisited import image_path
+from ..pickles import read_pickle
+from .revisited import describe_value, image_path, names_list
 
 LAYOUTS = ("sfm", "flat")
 _LAYOUT_DIRS = {"sfm": "ims", "flat": "jpg"}
@@ -77,12 +78,12 @@ def load_training_set(db_path: str | Path, split: str = "train", images_root: st
     cluster); warns (DatasetWarning) about other single-image clusters, which can only serve as negatives.
     """
     db_path = Path(db_path)
-    db = _read_pickle(db_path)
+    db = read_pickle(db_path)
     if not isinstance(db, dict) or split not in db:
         raise EngineError(f"no split {split!r} (a db pickle is {{'train'|'val': {{...}}}}, this one has "
-                          f"{sorted(db) if isinstance(db, dict) else type(db).__name__})", db_path)
+                          f"{_keys(db)})", db_path)
     part = _require_keys(db[split], ("cids", "cluster", "qidxs", "pidxs"), db_path, f"db[{split!r}]")
-    cids = _names(part["cids"], db_path, f"{split}.cids")
+    cids = names_list(part["cids"], db_path, f"{split}.cids")
     n = len(cids)
     cluster = _ints(part["cluster"], db_path, f"{split}.cluster")
     if len(cluster) != n:
@@ -97,40 +98,38 @@ def load_whitening_set(path: str | Path, images_root: str | Path | None = None, 
                        check_images: bool = True) -> WhiteningSet:
     """Read and validate a whitening pickle {'cids', 'qidxs', 'pidxs'}; images found as in load_training_set."""
     path = Path(path)
-    part = _require_keys(_read_pickle(path), ("cids", "qidxs", "pidxs"), path, "whitening pickle")
-    cids = _names(part["cids"], path, "cids")
+    part = _require_keys(read_pickle(path), ("cids", "qidxs", "pidxs"), path, "whitening pickle")
+    cids = names_list(part["cids"], path, "cids")
     qidxs, pidxs = _pairs(part, len(cids), path, "whitening")
     return WhiteningSet(_locate(path, cids, images_root, layout, check_images), qidxs, pidxs)
 
 
-def _read_pickle(path: Path):
-    if not path.exists():
-        raise EngineError("file not found", path)
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as e:
-        raise EngineError(f"not a readable pickle ({type(e).__name__}: {e})".splitlines()[0], path) from None
+def _keys(part) -> str:
+    """A dict's keys (any types, in a stable order) or, for anything else, what it is: for error messages."""
+    return str(sorted(map(repr, part))) if isinstance(part, dict) else describe_value(part)
 
 
 def _require_keys(part, keys: tuple[str, ...], path: Path, what: str) -> dict:
     if not isinstance(part, dict) or not set(keys) <= set(part):
-        have = sorted(part) if isinstance(part, dict) else type(part).__name__
-        raise EngineError(f"{what} must be a dict with {', '.join(map(repr, keys))} (has {have})", path)
+        raise EngineError(f"{what} must be a dict with {', '.join(map(repr, keys))} (has {_keys(part)})", path)
     return part
 
 
-def _names(values, path: Path, what: str) -> list[str]:
-    if not all(isinstance(v, str) and v for v in values):
-        raise EngineError(f"'{what}' must be non-empty strings", path)
-    return list(values)
-
-
 def _ints(values, path: Path, what: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise EngineError(f"'{what}' must be a flat list of integers, got {arr.dtype} {arr.shape}", path)
-    return arr.astype(np.int64)
+    """A list, tuple or 1-d integer array of integers (not bools, not floats) as (N,) int64."""
+    if isinstance(values, np.ndarray):
+        ok = values.ndim == 1 and (values.size == 0 or values.dtype.kind in "iu")
+        if ok and values.dtype.kind == "u" and values.size and values.max() > np.iinfo(np.int64).max:
+            ok = False
+        if not ok:
+            raise EngineError(f"'{what}' must be a flat list of integers, got a {values.dtype} array of shape {values.shape}", path)
+        return values.astype(np.int64)
+    if not isinstance(values, (list, tuple)):
+        raise EngineError(f"'{what}' must be a flat list of integers, not {describe_value(values)}", path)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not -2**63 <= v < 2**63:
+            raise EngineError(f"'{what}'[{i}] must be an integer, not {describe_value(v)}", path)
+    return np.array(values, dtype=np.int64).reshape(len(values))
 
 
 def _pairs(part: dict, n: int, path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ The same arguments give byte-identical pickles.
 from __future__ import annotations
 
 import json
-import pickle
+import numbers
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +29,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EngineError
+from ..files import write_text
+from ..images import MIN_SIDE
+from ..pickles import write_pickle
 from . import geometry as geo
 from .photos import MIN_PHOTOS, OPENCV_DOC_DATA, default_photos, fit, load_photo, real_pairs
 
@@ -74,6 +77,7 @@ DEFAULT_DIFFICULTY = "medium"
 MIN_CONTENT = 0.6  # a view must be at least this much photograph (the rest is a plain border)
 BOX_SIDES = (0.35, 0.8)  # a query box spans this fraction range of each side of the query image
 SPLITS = {"train": 1, "val": 2, "test": 3}  # seeds the per-scene generators, so splits draw independently
+MAX_SIZE = 4096  # longest view side: above every packaged photograph's own size, so nothing is gained beyond it
 
 
 # ---------------------------------------------------------------- views: geometry
@@ -362,10 +366,26 @@ def _pairs_gnd(size: int, rule: geo.LabelRule, jpg_dir: Path, data_dir: Path) ->
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
 
 
-def _write_pickle(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_arguments(difficulty: str, seed: int, size: int, n_gallery: int, n_queries: int, n_train: int,
+                    train_fraction: float) -> None:
+    """Refuse, with one EngineError per problem, values build_views cannot honour (its parameters, same names)."""
+    if difficulty not in DIFFICULTIES:
+        raise EngineError(f"unknown difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
+    if not _is_int(seed) or seed < 0:
+        raise EngineError(f"seed must be a non-negative integer, got {seed!r}")
+    if not _is_int(size) or not MIN_SIDE <= size <= MAX_SIZE:
+        raise EngineError(f"size (the views' longer side) must be an integer from {MIN_SIDE} to {MAX_SIZE} pixels, got {size!r}")
+    for name, value, least in (("n_gallery", n_gallery, 1), ("n_queries", n_queries, 1), ("n_train", n_train, 2)):
+        if not _is_int(value) or value < least:
+            why = " (a training pair needs two views of a scene)" if name == "n_train" else ""
+            raise EngineError(f"{name} (views per scene) must be an integer of at least {least}{why}, got {value!r}")
+    if not isinstance(train_fraction, numbers.Real) or not 0 < train_fraction < 1:  # NaN fails both comparisons
+        raise EngineError(f"train_fraction (the share of photographs that become training scenes) must be "
+                          f"between 0 and 1, exclusive, got {train_fraction!r}")
 
 
 def build_views(
@@ -386,15 +406,17 @@ def build_views(
     photos: scene photographs (default: `default_photos(opencv_doc)`); difficulty: a key of DIFFICULTIES;
     size: longer side of every image in pixels; per test scene n_gallery gallery views and n_queries
     queries (the same for val over the training scenes); n_train views per training scene for
-    train/db.pkl; opencv_doc: opencv-doc's data folder (None: neither its photos nor the pairs).
+    train/db.pkl (at least 2); train_fraction: the share of photographs that become training scenes, in
+    (0, 1); seed: a non-negative integer; opencv_doc: opencv-doc's data folder (None: neither its photos nor
+    the pairs). Out-of-range values are refused (`check_arguments`) before anything is written.
     The info dict (also out/info.json) holds seed, difficulty, size, photos with their split, counts.
     """
-    if difficulty not in DIFFICULTIES:
-        raise EngineError(f"unknown difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
+    check_arguments(difficulty, seed, size, n_gallery, n_queries, n_train, train_fraction)
     photos = [Path(p) for p in (default_photos(opencv_doc) if photos is None else photos)]
     if len(photos) < MIN_PHOTOS:
         raise EngineError(f"{len(photos)} photographs given, a benchmark needs at least {MIN_PHOTOS}")
     d = DIFFICULTIES[difficulty]
+    sources = [load_photo(path, size) for path in photos]  # every photograph decoded before anything is written
     out = Path(out_dir)
     jpg_dir = out / "jpg"
     jpg_dir.mkdir(parents=True, exist_ok=True)
@@ -403,8 +425,7 @@ def build_views(
     split = split_scenes(photos, seed, train_fraction, pinned)
 
     test, val, train, train_val = [], [], [], []
-    for s, path in enumerate(photos):
-        source = load_photo(path, size)
+    for s, (path, source) in enumerate(zip(photos, sources)):
         src = (source.shape[1], source.shape[0])
         prefix = f"{s:02d}_{_stem(path)}"
         if split[s] == "test":
@@ -422,12 +443,12 @@ def build_views(
 
     test_gnd, val_gnd = _gnd(test), _gnd(val)
     db = {"train": _db(train), "val": _db(train_val)}
-    _write_pickle(test_gnd, out / "test" / "gnd.pkl")
-    _write_pickle(val_gnd, out / "val" / "gnd.pkl")
-    _write_pickle(db, out / "train" / "db.pkl")
+    write_pickle(test_gnd, out / "test" / "gnd.pkl")
+    write_pickle(val_gnd, out / "val" / "gnd.pkl")
+    write_pickle(db, out / "train" / "db.pkl")
     pairs = _pairs_gnd(size, rule, jpg_dir, data_dir) if data_dir else None
     if pairs is not None:
-        _write_pickle(pairs, out / "pairs" / "gnd.pkl")
+        write_pickle(pairs, out / "pairs" / "gnd.pkl")
 
     info = {
         "seed": seed,
@@ -444,5 +465,5 @@ def build_views(
             "pairs": None if pairs is None else {"gallery": len(pairs["imlist"]), "queries": len(pairs["qimlist"])},
         },
     }
-    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(out / "info.json", json.dumps(info, indent=2) + "\n")
     return info

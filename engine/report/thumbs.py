@@ -7,7 +7,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
+
+from ..errors import EngineError
+from ..files import writing
+from ..images import open_rgb
 
 BBX_COLOUR = (255, 214, 0)
 
@@ -22,8 +26,9 @@ def thumb_name(src: Path, size: int, bbx: Sequence[float] | None = None) -> str:
 def make_thumb(src: Path, dest: Path, size: int, bbx: Sequence[float] | None = None) -> bool:
     """Write a thumbnail of `src` (longest side `size` px) to `dest`, the query box outlined if `bbx`.
 
-    bbx: [x1, y1, x2, y2] in the source image's pixels. Skips the work when `dest` exists and is
-    not older than `src`. Returns False when `src` is missing or undecodable (nothing written).
+    bbx: [x1, y1, x2, y2] in the source image's pixels (as the encoders see it: EXIF-rotated). Skips the
+    work when `dest` exists and is not older than `src`. Returns False when `src` is missing or refused by
+    the engine's decoder (`images.open_rgb`: undecodable, or a decompression bomb); nothing is written then.
     """
     try:
         src_mtime = os.stat(src).st_mtime_ns
@@ -32,20 +37,17 @@ def make_thumb(src: Path, dest: Path, size: int, bbx: Sequence[float] | None = N
     if dest.exists() and dest.stat().st_mtime_ns >= src_mtime:
         return True
     try:
-        with Image.open(src) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
-    except (OSError, UnidentifiedImageError, ValueError):
+        im = open_rgb(src)
+    except EngineError:
         return False
+    w, h = im.size
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
     if bbx is not None:
         sx, sy = im.width / w, im.height / h
         x1, y1, x2, y2 = (float(v) for v in bbx)
         ImageDraw.Draw(im).rectangle([x1 * sx, y1 * sy, x2 * sx, y2 * sy], outline=BBX_COLOUR, width=max(2, size // 64))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    im.save(tmp, "JPEG", quality=85)
-    os.replace(tmp, dest)  # a half-written thumbnail is never taken for an up-to-date one
+    with writing(dest) as f:  # a half-written thumbnail is never taken for an up-to-date one
+        im.save(f, "JPEG", quality=85)
     return True
 
 
