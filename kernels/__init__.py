@@ -12,10 +12,10 @@ import importlib.util
 
 import torch
 
-from .reference import GEM_EPS, gem, l2n
+from .reference import GEM_EPS, L2_EPS, gem, l2n
 from .reference import gem_whiten as gem_whiten_reference
 
-__all__ = ["BACKENDS", "GEM_EPS", "gem", "gem_whiten", "gem_whiten_reference", "l2n", "triton_available"]
+__all__ = ["BACKENDS", "GEM_EPS", "L2_EPS", "gem", "gem_whiten", "gem_whiten_reference", "l2n", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton")
 
