@@ -17,7 +17,7 @@ L2_EPS = 1e-12
 def l2n(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Rows of `x` scaled to unit L2 norm along the last axis: x / max(||x||, L2_EPS).
 
-    x: ... x D torch tensor (differentiable; a zero row has gradient 0) or numpy array (returned as one,
+    x: ... x D torch tensor (differentiable, finite gradients everywhere) or numpy array (returned as one,
     computed by the same torch code); same shape and dtype out. Float32 or float64 (L2_EPS is below
     float16's range).
     """
