@@ -55,7 +55,7 @@ def _torch_load_cirtorch(path: Path) -> dict:
 def load_teacher(path: str | Path, name: str | None = None, lw: str = "ss") -> Encoder:
     """A teacher Encoder from a cirtorch .pth: trunk + GeM p, plus its whitening; eval mode, with its space id.
 
-    name: the registry name to give it (None: the one of its architecture); lw: which `meta['Lw']` to use
+    name: the registry name it must be (None: the one of its architecture); lw: which `meta['Lw']` to use
     when the network has no whitening layer: "ss" (single-scale), "ms" (multi-scale) or "none".
     """
     import torch
@@ -70,6 +70,8 @@ def load_teacher(path: str | Path, name: str | None = None, lw: str = "ss") -> E
     spec = _BY_ARCH.get(meta.get("architecture"))
     if spec is None:
         raise EngineError(f"cirtorch architecture {meta.get('architecture')!r} is not supported (known: {', '.join(_BY_ARCH)})", path)
+    if name is not None and name != spec.name:
+        raise EngineError(f"this file holds cirtorch's {spec.arch} network ({spec.name}), not {name}", path)
     if meta.get("pooling") != "gem":
         raise EngineError(f"cirtorch pooling {meta.get('pooling')!r} is not GeM", path)
     trunk = spec.trunk(None)

@@ -18,9 +18,10 @@ import torch.nn as nn
 
 import kernels
 
+from .images import DEFAULT_MAX_SIDE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MAX_SIDE = 362  # the longest image side the encoders are run at unless told otherwise (cirtorch's test size)
 
 
 # ---------------------------------------------------------------- the spec record
@@ -59,9 +60,10 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The head after the trunk: GeM with exponent `p` (learnable, its starting value), then L2, then one
-    optional linear layer, then L2. whitening: what a teacher's linear layer is ("" for none); projection:
-    a student's linear layer to its teacher's D (classifier bridge, else random from a seed)."""
+    """The head after the trunk: GeM with exponent `p` (learnable; its starting value, a cirtorch teacher's
+    comes from its file), then L2, then one optional linear layer, then L2. whitening: what a teacher's
+    linear layer is ("" for none); projection: a student's linear layer is its map to its teacher's D
+    (the classifier bridge, else drawn from a seed)."""
 
     p: float = 3.0
     whitening: str = ""

@@ -268,10 +268,10 @@ def load_encoder(source: str | Path, weights: str | Path | None = None) -> Encod
 
 
 def describe_registry() -> list[dict]:
-    """The known encoders for `engine models`, in registry order: name, role, arch, D, weights (kind and
-    where from), notes. A student's D is its teacher's."""
+    """The known encoders for `engine models`, teachers first: name, role, arch, D (None for a student: its
+    teacher's), max_side (default longest image side), weights (kind) and source (where from), notes."""
     return [
-        {"name": s.name, "role": s.role, "arch": s.arch, "dim": s.dim, "weights": s.weights.kind,
-         "source": s.weights.detail, "notes": s.description}
+        {"name": s.name, "role": s.role, "arch": s.arch, "dim": s.dim, "max_side": s.preprocessing.max_side,
+         "weights": s.weights.kind, "source": s.weights.detail, "notes": s.description}
         for s in sorted(ENCODERS.values(), key=lambda s: s.role != "teacher")  # teachers first
     ]

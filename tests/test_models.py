@@ -165,6 +165,8 @@ def test_cirtorch_teacher_with_learned_whitening(tmp_path):
     assert enc.dim == 2048 and enc.config["arch"] == "resnet101" and enc.name == "resnet101-gem"
     assert enc.space == space_id(enc) == build_teacher("resnet101-gem", path).space
     assert load_encoder(f"cirtorch:{path}").space == enc.space
+    with pytest.raises(EngineError, match="resnet101 network .* not vgg16-gem"):
+        build_teacher("vgg16-gem", path)
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         fmap = features((x - enc.mean) / enc.std)
