@@ -1,4 +1,5 @@
-"""The descriptor head as functions: GeM pooling, L2 normalisation and whitening.
+"""The descriptor head as functions: GeM pooling, L2 normalisation (`l2n`, the project's one) and the
+head's linear layer (a teacher's whitening, or a student's map to its teacher's D).
 
 `gem_whiten` is the one entry point the encoders call. On CUDA tensors it runs a
 fused Triton kernel (kernels/triton_head.py) where Triton imports; elsewhere the
