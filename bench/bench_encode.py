@@ -36,7 +36,7 @@ from skimage import data
 from engine.backends import make_runner, resolve_backend
 from engine.encode import EncodeOptions, ShapeBuckets, default_workers, encode_to_store, to_batch
 from engine.images import read_image
-from engine.models import ARCHS, Encoder, Head, build_student, build_teacher
+from engine.models import ENCODERS, Encoder, Head, build_student, build_teacher
 
 FULL = os.environ.get("AML_BENCH_FULL") == "1"
 DEVICE = os.environ.get("AML_BENCH_DEVICE", "cpu")
@@ -50,9 +50,9 @@ TEACHER_DIM = 2048  # students map into the ResNet-101 teacher's space
 
 def resnet101_teacher() -> Encoder:
     """The cirtorch ResNet-101 GeM teacher's network, random init: trunk + GeM head, D = 2048."""
-    arch = ARCHS["resnet101"]
-    config = {"name": "resnet101-gem", "arch": "resnet101", "role": "teacher", "dim": arch.channels, "space": "bench"}
-    return Encoder(arch.make(None), Head(arch.channels), config).eval()
+    spec = ENCODERS["resnet101-gem"]
+    config = {"name": "resnet101-gem", "arch": "resnet101", "role": "teacher", "dim": spec.channels, "space": "bench"}
+    return Encoder(spec.trunk(None), Head(spec.channels), config, spec.preprocessing.mean, spec.preprocessing.std).eval()
 
 
 MODELS = {

@@ -28,7 +28,7 @@ import torch
 
 from .errors import EngineError
 from .export import DEFAULT_OPSET, INPUT, OUTPUT, TRT_MAX, TRT_MIN, TRT_OPT, export_onnx, export_tensorrt, import_tensorrt
-from .models import Encoder, weights_hash
+from .encoder import Encoder, weights_hash
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 # Measured (2 shared x86 cores, batch 8 at 362 x 362, median of 3-5, images/s): MobileNetV2 student eager torch

@@ -37,8 +37,12 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 
 def resolve_encoder(model: Optional[str], student: Optional[str], target: Optional[str], weights: Optional[str]):
-    """The encoder named by --model (teacher name / checkpoint) or --student (checkpoint, or arch + --target)."""
-    from .models import STUDENTS, build_student, load_encoder, registry_teacher_of
+    """The encoder named by --model (teacher name / checkpoint) or --student (checkpoint, or arch + --target).
+
+    A checkpoint is `checkpoint:PATH`, `cirtorch:PATH`, or a plain PATH whose kind is read from its first
+    bytes (engine.models.parse_source), never from its suffix.
+    """
+    from .models import STUDENTS, build, load_encoder, registry_teacher_of
 
     if bool(model) == bool(student):
         raise EngineError("give exactly one of --model (teacher name or checkpoint) and --student")
@@ -51,10 +55,10 @@ def resolve_encoder(model: Optional[str], student: Optional[str], target: Option
             from .store import read_manifest
 
             m = read_manifest(Path(target))
-            return build_student(student, m["dim"], m["space"], weights, teacher=m.get("info", {}).get("encoder", {}).get("name", ""),
-                                 bridge_to=registry_teacher_of(m["space"]))
+            return build(student, weights, dim=m["dim"], space=m["space"], teacher=m.get("info", {}).get("encoder", {}).get("name", ""),
+                         bridge_to=registry_teacher_of(m["space"]))
         teacher = load_encoder(target)
-        return build_student(student, teacher.dim, teacher.space, weights, teacher=teacher.name, bridge_to=teacher)
+        return build(student, weights, dim=teacher.dim, space=teacher.space, teacher=teacher.name, bridge_to=teacher)
     enc = load_encoder(student)
     if enc.config.get("role") != "student":
         console.print(f"[yellow]note[/]: {student} is a {enc.config.get('role')}, encoding with it as given")
@@ -91,13 +95,19 @@ def resolve_items(images: Optional[Path], gnd: Optional[Path], train_set: Option
 
 
 @app.command()
-def models():
-    """List the known teachers and students and where their weights come from."""
+def models(as_json: bool = typer.Option(False, "--json", help="Print the registry as a JSON list instead of a table")):
+    """List the registry's teachers and students: architecture, D, and where their weights come from."""
     from .models import describe_registry
 
-    table = Table("name", "role", "weights / notes")
+    if as_json:
+        print(json.dumps(describe_registry()))
+        return
+    from rich.table import Column
+
+    table = Table(Column("name", no_wrap=True), "role", "D", "weights",
+                  caption="a student: trunk -> GeM -> L2 -> linear map to its teacher's D -> L2")
     for row in describe_registry():
-        table.add_row(row["name"], row["role"], row["notes"])
+        table.add_row(row["name"], row["role"], str(row["dim"] or "teacher's"), row["source"])
     out.print(table)
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from kernels import l2n
+
 from .backends import Runner, make_runner
 from .errors import EngineError
 from .images import DEFAULT_MAX_SIDE, read_image
@@ -141,7 +143,7 @@ def describe(encoder: Encoder, images: torch.Tensor, scales: Sequence[float] = (
         acc = v if acc is None else acc + v
     acc = acc / len(scales)
     v = acc.pow(1.0 / p) if p != 1.0 else acc
-    return torch.nn.functional.normalize(v, dim=-1)
+    return l2n(v)
 
 
 def _progress(opts: EncodeOptions, total: int) -> Progress:

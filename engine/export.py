@@ -21,14 +21,15 @@ at hand to build or test it.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from .encoder import Encoder
 from .errors import EngineError
-from .models import Encoder, load_encoder
+from .files import write_bytes, written_by
+from .models import load_encoder
 
 INPUT = "images"
 OUTPUT = "vectors"
@@ -42,24 +43,24 @@ TRT_MAX = (32, 1024)
 
 
 def _as_encoder(encoder_or_ckpt: Encoder | str | Path) -> Encoder:
-    """An Encoder as is; a teacher name or checkpoint path loaded (a missing file is an EngineError naming it)."""
+    """An Encoder as is; else a source for `engine.models.load_encoder` (a missing file is an EngineError naming it)."""
     return encoder_or_ckpt if isinstance(encoder_or_ckpt, Encoder) else load_encoder(encoder_or_ckpt)
 
 
 def export_onnx(encoder_or_ckpt: Encoder | str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Write an encoder (or a .safetensors / cirtorch .pth checkpoint) as an ONNX file; returns its path.
+    """Write an encoder (or a source for `load_encoder`: registry teacher, checkpoint, cirtorch .pth) as an
+    ONNX file; returns its path.
 
     The graph maps `images` (B x 3 x H x W float32 RGB in [0, 1]; B, H, W dynamic) to `vectors`
-    (B x D float32 unit rows), the same function as `Encoder.forward` on CPU. Written to a
-    temporary name and renamed, so a reader never sees half a file. The encoder is not changed.
+    (B x D float32 unit rows), the same function as `Encoder.forward` on CPU. Written through
+    `engine.files.written_by` (a temporary name unique to the process and thread, then renamed), so a
+    reader never sees half a file and two processes may export the same file. The encoder is not changed.
     """
     encoder = _as_encoder(encoder_or_ckpt)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two processes may export the same file
     # Trace a CPU copy in eval mode: BatchNorm on running statistics, and the head's torch reference path.
     model = _cpu_copy(encoder)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), written_by(out_path) as tmp:
         # The legacy exporter announces its deprecation, and the head's input checks become trace constants.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -73,7 +74,6 @@ def export_onnx(encoder_or_ckpt: Encoder | str | Path, out_path: str | Path, ops
             output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch"}},
         )
-    tmp.replace(out_path)
     return out_path
 
 
@@ -164,10 +164,7 @@ def export_tensorrt(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError("TensorRT failed to build an engine (see its log above)", onnx_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(out_path)
+    write_bytes(out_path, bytes(serialized))
     return out_path
 
 
@@ -182,7 +179,8 @@ def export_command(
     max_shape: tuple[int, int] = TRT_MAX,
     weights: str | None = None,
 ) -> str:
-    """`engine export`: a teacher name or checkpoint -> an .onnx file or a TensorRT .engine / .plan.
+    """`engine export`: a source for `load_encoder` (teacher name, checkpoint, cirtorch .pth) -> an .onnx file
+    or a TensorRT .engine / .plan.
 
     fmt: "onnx" or "tensorrt"; None infers it from `out`'s suffix. Returns a one-line summary to print.
     """

@@ -1,4 +1,5 @@
-"""The descriptor head as functions: GeM pooling, L2 normalisation and whitening.
+"""The descriptor head as functions: GeM pooling, L2 normalisation (`l2n`, the project's one) and the
+head's linear layer (a teacher's whitening, or a student's map to its teacher's D).
 
 `gem_whiten` is the one entry point the encoders call. On CUDA tensors it runs a
 fused Triton kernel (kernels/triton_head.py) where Triton imports; elsewhere the
@@ -12,10 +13,10 @@ import importlib.util
 
 import torch
 
-from .reference import GEM_EPS, gem, l2n
+from .reference import GEM_EPS, L2_EPS, gem, l2n
 from .reference import gem_whiten as gem_whiten_reference
 
-__all__ = ["BACKENDS", "GEM_EPS", "gem", "gem_whiten", "gem_whiten_reference", "l2n", "triton_available"]
+__all__ = ["BACKENDS", "GEM_EPS", "L2_EPS", "gem", "gem_whiten", "gem_whiten_reference", "l2n", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton")
 

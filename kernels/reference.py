@@ -1,15 +1,29 @@
-"""Plain-torch reference of the descriptor head: the formula every other backend must match."""
+"""Plain-torch reference of the descriptor head: the formula every other backend must match.
+
+`l2n` is also the one L2 normalisation of the whole project (encoders, multi-scale descriptors,
+training targets, whitening, relational losses).
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GEM_EPS = 1e-6
-L2_EPS = 1e-6
+# The floor under a norm in `l2n`: x / max(||x||, L2_EPS), as torch.nn.functional.normalize. Any row of a
+# real descriptor is far longer, so it divides by its exact norm; an all-zero row stays zero instead of NaN.
+L2_EPS = 1e-12
 
 
-def l2n(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
-    """L2-normalise the rows of `x` (B x D); `eps` keeps an all-zero row finite."""
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+def l2n(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Rows of `x` scaled to unit L2 norm along the last axis: x / max(||x||, L2_EPS).
+
+    x: ... x D torch tensor (differentiable, finite gradients everywhere) or numpy array (returned as one,
+    computed by the same torch code); same shape and dtype out. Float32 or float64 (L2_EPS is below
+    float16's range).
+    """
+    if isinstance(x, np.ndarray):
+        return l2n(torch.from_numpy(x if x.flags.writeable else x.copy())).numpy()
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(L2_EPS)
 
 
 def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = GEM_EPS) -> torch.Tensor:

@@ -116,8 +116,8 @@ def _whiten_kernel(g_ptr, w_ptr, part_ptr, ss_ptr, B, C, D, K_PER, stride_wd, st
 @triton.jit
 def _finish_kernel(part_ptr, ss_ptr, b_ptr, out_ptr, B, N, SPLIT, l2_eps,
                    WHITENED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """One output row: y = sum_k part[k, row] / (||g_row|| + eps) + b when WHITENED (the first L2 as a row
-    scale, ||g||^2 = sum_k ss[k, row]), else y = part[0, row]; then out[row] = y / (||y|| + eps).
+    """One output row: y = sum_k part[k, row] / max(||g_row||, eps) + b when WHITENED (the first L2 as a row
+    scale, ||g||^2 = sum_k ss[k, row]), else y = part[0, row]; then out[row] = y / max(||y||, eps): `l2n`.
 
     Two passes over the row (norm, then store), each summing the SPLIT partials afresh: they are tiny.
     Deterministic: fixed summation order, no atomics.
@@ -129,14 +129,14 @@ def _finish_kernel(part_ptr, ss_ptr, b_ptr, out_ptr, B, N, SPLIT, l2_eps,
         for k0 in range(0, SPLIT, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             ss += tl.load(ss_ptr + offs * B + row, mask=offs < SPLIT, other=0.0)
-        scale = 1.0 / (tl.sqrt(tl.sum(ss, axis=0)) + l2_eps)
+        scale = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), l2_eps)
     base = row.to(tl.int64) * N
     sumsq = tl.zeros([BLOCK], dtype=tl.float32)
     for n0 in range(0, N, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         y = _finish_chunk(part_ptr, b_ptr, base, offs, offs < N, B * N, SPLIT, scale, HAS_BIAS, BLOCK)
         sumsq += y * y
-    inv = 1.0 / (tl.sqrt(tl.sum(sumsq, axis=0)) + l2_eps)
+    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(sumsq, axis=0)), l2_eps)
     for n0 in range(0, N, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         y = _finish_chunk(part_ptr, b_ptr, base, offs, offs < N, B * N, SPLIT, scale, HAS_BIAS, BLOCK)
@@ -214,7 +214,7 @@ def whiten_partials(g: torch.Tensor, W: torch.Tensor, programs: int) -> tuple[to
 
 
 def finish(part: torch.Tensor, ss: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
-    """The unit rows: L2(sum_k part[k] / (||g|| + eps) + b) with ss (the whitened head), L2(part[0]) without.
+    """The unit rows: L2(sum_k part[k] / max(||g||, eps) + b) with ss (the whitened head), L2(part[0]) without.
 
     part: SPLIT x B x N float32 contiguous; ss: SPLIT x B or None; b: N or None. Returns B x N float32.
     """

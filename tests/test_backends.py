@@ -15,6 +15,7 @@ from engine.backends import cache_key, cached_onnx, make_runner, prune_cache, re
 from engine.encode import EncodeOptions, ShapeBuckets, describe, encode_items, encode_to_array, to_batch
 from engine.errors import EngineError
 from engine.images import load_image, read_image
+from engine.encoder import Encoder, Head
 from engine.models import build_student
 
 
@@ -57,11 +58,40 @@ def test_runner_equals_eager_torch(student, cache, backend, channels_last):
         np.testing.assert_allclose(got.numpy(), eager(student, x), atol=1e-4, rtol=0)
 
 
-def test_multiscale_through_a_runner(student, cache):
+def multiscale_float64(enc, x: torch.Tensor, scales, p: float) -> np.ndarray:
+    """cirtorch's multi-scale descriptor written out: per scale, the head in float64 from the trunk's map
+    (GeM -> L2 -> [W x + b] -> L2); the scales combined by the power mean with exponent p; L2."""
+    acc = 0
+    for s in scales:
+        xs = x if s == 1.0 else torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            fmap = enc.trunk((xs - enc.mean) / enc.std).double().numpy()
+        pg = enc.head.p.detach().item()
+        g = np.mean(np.maximum(fmap, 1e-6) ** pg, axis=(2, 3)) ** (1 / pg)
+        v = g / np.linalg.norm(g, axis=1, keepdims=True)
+        if enc.head.whiten is not None:
+            v = v @ enc.head.whiten.weight.detach().double().numpy().T + enc.head.whiten.bias.detach().double().numpy()
+            v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        acc = acc + np.maximum(v, 0) ** p if p != 1.0 else acc + v
+    v = (acc / len(scales)) ** (1 / p)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("head", ["student", "gem-only"])
+def test_multiscale_descriptor_matches_the_formula(student, cache, head):
+    # A student's linear head combines its scales by the plain mean (p = 1); a GeM-only head by GeM's own p.
+    if head == "student":
+        enc, p = student, 1.0
+    else:
+        enc = Encoder(student.trunk, Head(1280, p=2.5), {"name": "gem-only", "arch": "mobilenetv2", "dim": 1280, "space": "s"},
+                      student.mean.flatten().tolist(), student.std.flatten().tolist()).eval()
+        p = 2.5
     x = photos(2, 128, 160)
-    runner = make_runner(student, "onnxruntime", cache_dir=cache)
     scales = (1.0, 0.707, 0.5)
-    np.testing.assert_allclose(describe(student, x, scales, runner).numpy(), describe(student, x, scales).numpy(), atol=1e-4)
+    want = multiscale_float64(enc, x, scales, p)
+    np.testing.assert_allclose(describe(enc, x, scales).numpy(), want, atol=1e-6, rtol=0)
+    runner = make_runner(enc, "onnxruntime", cache_dir=cache)
+    np.testing.assert_allclose(describe(enc, x, scales, runner).numpy(), want, atol=1e-4, rtol=0)
 
 
 def test_onnx_cache_is_keyed_by_weights_and_reused(student, cache, monkeypatch):

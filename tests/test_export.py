@@ -1,5 +1,6 @@
 """ONNX export: the exported graph (head included) computes the encoder's descriptors on real photographs."""
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -112,3 +113,24 @@ def test_tensorrt_engine_matches_torch(student, tmp_path):
     np.testing.assert_allclose(runner(x).cpu().numpy(), want, atol=1e-3, rtol=0)
     with pytest.raises(EngineError, match="outside the engine's profile"):
         runner(photos(1, 200, 200))
+
+
+def test_a_failed_export_leaves_the_old_file_and_no_temporary(student, tmp_path, monkeypatch):
+    out = tmp_path / "s.onnx"
+    out.write_bytes(b"the previous export")
+
+    def half_then_fail(model, args, f, **kwargs):
+        Path(f).write_bytes(b"half a graph")
+        raise RuntimeError("exporter died")
+
+    monkeypatch.setattr(torch.onnx, "export", half_then_fail)
+    with pytest.raises(RuntimeError, match="exporter died"):
+        export_onnx(student, out)
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
+    monkeypatch.undo()
+    export_onnx(student, out)  # a real export replaces it whole
+    x = photos(1, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_vectors(out, x), student(x).numpy(), atol=1e-4, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]

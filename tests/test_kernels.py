@@ -176,11 +176,40 @@ def test_reference_against_float64_formula():
         out = np.empty((3, 7))
         for i in range(3):
             f = np.array([np.mean(np.maximum(xs[i, c], 1e-6) ** p) ** (1 / p) for c in range(11)])
-            f = f / (np.sqrt(np.sum(f * f)) + 1e-6)
+            f = f / np.sqrt(np.sum(f * f))
             y = Ws @ f + bs
-            out[i] = y / (np.sqrt(np.sum(y * y)) + 1e-6)
+            out[i] = y / np.sqrt(np.sum(y * y))
         ref = kernels.gem_whiten_reference(x.cpu(), p, Wm.cpu(), b.cpu())
         assert rel_err(ref, torch.from_numpy(out)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_l2n_divides_by_the_norm_and_keeps_zero_rows(dtype):
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0], [-2.0, 1e-3]], dtype=dtype, requires_grad=True)
+    y = kernels.l2n(x)
+    want = torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.1, 0.0], [-2.0 / np.hypot(2.0, 1e-3), 1e-3 / np.hypot(2.0, 1e-3)]], dtype=dtype)
+    assert y.dtype == dtype
+    # a row shorter than L2_EPS is divided by L2_EPS (row 3), like torch.nn.functional.normalize
+    torch.testing.assert_close(y.detach(), want, rtol=1e-7 if dtype == torch.float64 else 1e-6, atol=0)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # numpy in, numpy out, the same numbers; a read-only array (a memory map) is not written to.
+    a = x.detach().numpy().copy()
+    a.flags.writeable = False
+    got = kernels.l2n(a)
+    assert isinstance(got, np.ndarray) and got.dtype == a.dtype
+    np.testing.assert_array_equal(got, y.detach().numpy())
+    # along the last axis of any leading shape
+    z = torch.randn(2, 3, 5, dtype=dtype)
+    torch.testing.assert_close(kernels.l2n(z).norm(dim=-1), torch.ones(2, 3, dtype=dtype))
+
+
+def test_zero_rows_stay_zero_in_both_backends():
+    x, Wm, _ = make_inputs(2, 9, 3, 3, 5, "W")
+    Wm[:] = 0  # every whitened row is 0: its L2 must give 0, not NaN
+    for backend in ("triton", "torch"):
+        out = kernels.gem_whiten(x, 3.0, Wm, None, backend=backend)
+        assert torch.equal(out.cpu(), torch.zeros(2, 5)), backend
 
 
 def _run_without_interpreter(code: str) -> subprocess.CompletedProcess:

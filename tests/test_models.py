@@ -1,20 +1,12 @@
-"""Encoders: packaged weights load correctly, space ids, deterministic students, checkpoints, cirtorch teachers."""
+"""Encoders: packaged weights load correctly, descriptors against a float64 formula, space ids, deterministic
+students, checkpoints, cirtorch teachers."""
 import numpy as np
 import pytest
 import torch
 from skimage import data
 
 from engine.errors import EngineError
-from engine.models import (
-    ARCHS,
-    _package_weights,
-    build_student,
-    build_teacher,
-    load_checkpoint,
-    load_encoder,
-    save_checkpoint,
-    space_id,
-)
+from engine.models import ENCODERS, build_student, build_teacher, load_checkpoint, load_encoder, save_checkpoint, space_id
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +22,11 @@ def cat_image(size=224):
 @pytest.mark.parametrize("arch", ["effnet-lite0", "effnet-lite2", "mobilenetv2"])
 def test_packaged_imagenet_weights_classify_a_cat(arch):
     # The key rename / state-dict load is right only if the full classifier still sees a tabby cat (281-285).
-    a = ARCHS[arch]
-    trunk = a.make(_package_weights(arch)).eval()  # BatchNorm on running statistics
-    x = (cat_image() - torch.tensor(a.mean).view(1, 3, 1, 1)) / torch.tensor(a.std).view(1, 3, 1, 1)
+    spec = next(s for s in ENCODERS.values() if s.arch == arch)
+    weights = spec.weights.locate()
+    trunk = spec.trunk(weights).eval()  # BatchNorm on running statistics
+    pre = spec.preprocessing
+    x = (cat_image() - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
     with torch.no_grad():
         if arch.startswith("effnet"):
             logits = trunk.model(x)
@@ -41,17 +35,30 @@ def test_packaged_imagenet_weights_classify_a_cat(arch):
 
             m = torchvision.models.mobilenet_v2(weights=None)
             m.features = trunk
-            m.load_state_dict(torch.load(_package_weights(arch), weights_only=True))
+            m.load_state_dict(torch.load(weights, weights_only=True))
             m.eval()
             logits = m(x)
     assert 281 <= int(logits.argmax()) <= 285
 
 
-def test_teacher_descriptors_are_unit_and_space_tracks_weights(teacher):
+def head_float64(fmap: torch.Tensor, p: float, W: torch.Tensor | None = None, b: torch.Tensor | None = None) -> np.ndarray:
+    """The head written out in float64 numpy: GeM (clamp 1e-6) -> L2 -> [W x + b] -> L2, per image."""
+    f = np.maximum(fmap.double().numpy(), 1e-6)
+    g = np.mean(f**p, axis=(2, 3)) ** (1 / p)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    if W is not None:
+        g = g @ W.double().numpy().T + (0 if b is None else b.double().numpy())
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    return g
+
+
+def test_teacher_descriptors_match_the_formula_and_space_tracks_weights(teacher):
+    x = cat_image(160)
     with torch.no_grad():
-        v = teacher(cat_image(160))
-    assert v.shape == (1, 1280)
-    assert float(v.norm()) == pytest.approx(1.0, abs=1e-5)
+        v = teacher(x)
+        # Lite weights expect [-1, 1] inputs: the trunk sees (x - 0.5) / 0.5.
+        want = head_float64(teacher.trunk.model.forward_features((x - 0.5) / 0.5), 3.0)
+    np.testing.assert_allclose(v.numpy(), want, atol=1e-6, rtol=0)
     assert teacher.space.startswith("effnet-lite2-gem:")
     assert space_id(teacher) == teacher.space
     with torch.no_grad():
@@ -112,9 +119,16 @@ def test_checkpoint_round_trip_keeps_outputs_and_config(tmp_path, teacher):
 def test_students_without_packaged_weights_need_an_explicit_choice():
     with pytest.raises(EngineError, match="weights='random'"):
         build_student("resnet18", 1280, "x")
+    torch.manual_seed(0)
     s = build_student("resnet18", 64, "x", weights="random")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        assert s(torch.rand(1, 3, 64, 64)).shape == (1, 64)
+        want = head_float64(s.trunk((x - mean) / std), 3.0, s.head.whiten.weight, s.head.whiten.bias)
+        np.testing.assert_allclose(s(x).numpy(), want, atol=1e-6, rtol=0)
+    # The head's map is the documented seeded draw: N(0, 1) / sqrt(C), C = 512 pooled channels.
+    W = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) / 512**0.5
+    torch.testing.assert_close(s.head.whiten.weight, W, rtol=0, atol=0)
 
 
 def test_unknown_names_and_bad_checkpoints(tmp_path):
@@ -123,8 +137,12 @@ def test_unknown_names_and_bad_checkpoints(tmp_path):
     with pytest.raises(EngineError, match="needs a target space"):
         load_encoder("mobilenetv2")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(EngineError, match="bad.safetensors"):
+    with pytest.raises(EngineError, match="neither a safetensors file nor a torch") as e:
         load_encoder(tmp_path / "bad.safetensors")
+    assert e.value.path == str(tmp_path / "bad.safetensors")
+    with pytest.raises(EngineError, match="not a safetensors checkpoint") as e:
+        load_encoder(f"checkpoint:{tmp_path / 'bad.safetensors'}")  # named explicitly: read as what it is said to be
+    assert e.value.path == str(tmp_path / "bad.safetensors")
 
 
 def test_cirtorch_teacher_with_learned_whitening(tmp_path):
@@ -141,10 +159,14 @@ def test_cirtorch_teacher_with_learned_whitening(tmp_path):
     meta = {"architecture": "resnet101", "pooling": "gem", "whitening": False, "outputdim": 2048,
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
             "Lw": {"retrieval-SfM-120k": {"ss": {"m": m, "P": P}, "ms": {"m": m, "P": P}}}}
-    path = tmp_path / "retrievalSfM120k-resnet101-gem-test.pth"
-    torch.save({"state_dict": state, "meta": meta}, path)
+    path = tmp_path / "teacher.bin"  # no telling suffix: the kind is read from the file (torch's legacy format)
+    torch.save({"state_dict": state, "meta": meta}, path, _use_new_zipfile_serialization=False)
     enc = load_encoder(path)
-    assert enc.dim == 2048 and enc.config["arch"] == "resnet101"
+    assert enc.dim == 2048 and enc.config["arch"] == "resnet101" and enc.name == "resnet101-gem"
+    assert enc.space == space_id(enc) == build_teacher("resnet101-gem", path).space
+    assert load_encoder(f"cirtorch:{path}").space == enc.space
+    with pytest.raises(EngineError, match="resnet101 network .* not vgg16-gem"):
+        build_teacher("vgg16-gem", path)
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         fmap = features((x - enc.mean) / enc.std)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses as pml_losses, reducers
 
 from engine.errors import EngineError
+from kernels import l2n
 
 __all__ = [
     "LOSSES",
@@ -189,7 +190,7 @@ def _rkd_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = _pairwise_distances(x)
     off_diagonal = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
     d = d / d[off_diagonal].mean()
-    e = F.normalize(x[None, :, :] - x[:, None, :], p=2, dim=2)  # e[i, j] = unit(x_j - x_i); 0 if j == i
+    e = l2n(x[None, :, :] - x[:, None, :])  # e[i, j] = unit(x_j - x_i); 0 if j == i
     return d, e @ e.transpose(1, 2)
 
 

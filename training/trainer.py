@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.errors import EngineError
+from kernels import l2n
 from engine.models import (TEACHERS, Encoder, build_student, build_teacher, load_checkpoint, registry_teacher_of, save_checkpoint,
                            space_id)
 from engine.store import atomic_write_bytes
@@ -116,7 +117,7 @@ class Trainer:
             # The teacher's vectors share a large mean m (ReLU features): it adds m . g to gallery image g's
             # score for every query alike, nothing query-specific, yet it would dominate a regression loss.
             centred = data.teacher - data.teacher.mean(axis=0)
-            data = replace(data, teacher=centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
+            data = replace(data, teacher=l2n(centred))
         self.cfg, self.data, self.val = cfg, data, val
         self.out = Path(out_dir)
         self.rank, self.world = _world()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from engine.errors import EngineError
+from kernels import l2n
 
 __all__ = ["apply_whitening", "learn_whitening", "whitening_layer"]
 
@@ -64,7 +65,7 @@ def apply_whitening(X, m, P, dim: int | None = None) -> np.ndarray:
     """
     d = _output_dim(P, dim)
     Y = (np.asarray(X, dtype=np.float64) - np.asarray(m, dtype=np.float64)) @ np.asarray(P, dtype=np.float64)[:d].T
-    return Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    return l2n(Y)
 
 
 def whitening_layer(m, P, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
