@@ -161,5 +161,5 @@ def test_a_store_of_other_weights_in_the_same_space_is_not_resumed_into(encoded,
     save_checkpoint(other, tmp_path / "other.safetensors")
     common = ["--gnd", gnd, "--out", tmp_path / "s.store", "--max-side", SIDE, "--workers", 0]
     assert run_cli("encode", "--student", "mobilenetv2", "--target", work / "t.store", *common)[0] == 0
-    code, _, err = run_cli("encode", "--student", tmp_path / "other.safetensors", *common)
+    code, _, err = run_cli("encode", "--model", tmp_path / "other.safetensors", *common)
     assert code != 0 and "source_key" in err

@@ -1,0 +1,143 @@
+"""The command line's value types and checks at the edge: choices, number ranges, devices, output paths.
+
+A bad value here is a usage error (exit 2), before any work; what only the run can tell
+(no GPU, an output path already taken) is an EngineError (exit 1) naming the option or file.
+The choices are read from the library that owns each list, when first needed: the command starts
+without importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import typer
+
+from ..checks import describe_range
+from ..errors import EngineError
+
+
+def choice(load: Callable[[], Iterable[str]], metavar: str | None = None) -> dict:
+    """typer.Option / Argument keywords for a value that must be one of `load()`: a usage error listing them otherwise.
+
+    metavar: shown in the help instead of the list; give one when `load` is costly (it imports torch), so
+    that the list is read only when a value is checked, not to start the command. Without it the list is
+    read now and shown as [a|b|c].
+    """
+    names: list[str] = []
+
+    def parse(value: str) -> str:
+        if not names:
+            names.extend(load())
+        if value not in names:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(names)}")
+        return value
+
+    if metavar is None:
+        names.extend(load())
+        metavar = f"[{'|'.join(names)}]"
+    return {"parser": parse, "metavar": metavar}
+
+
+def _names(module: str, name: str, keep: Callable[[str], bool] = lambda _: True) -> Callable[[], list[str]]:
+    return lambda: [c for c in getattr(importlib.import_module(module), name) if keep(c)]
+
+
+def _registry(role: str) -> list[str]:
+    from ..models import STUDENTS, TEACHERS
+
+    return list(STUDENTS) if role == "student" else [*STUDENTS, *TEACHERS]
+
+
+def fixed(*values: str) -> dict:
+    """A choice among the command line's own values (lists no library constant holds)."""
+    return choice(lambda: values)
+
+
+DTYPE = choice(_names("engine.quantize", "DTYPES"))
+COPY_DTYPE = choice(_names("engine.quantize", "DTYPES", keep=lambda d: d != "float32"))
+SEARCH_BACKEND = choice(_names("engine.search", "BACKENDS"))
+DIFFICULTY = choice(_names("engine.datasets.views", "DIFFICULTIES"))
+DATASET = choice(_names("engine.datasets.download", "DATASETS"))
+RUNNER = choice(_names("engine.backends", "BACKENDS"), "RUNNER")  # engine.backends.BACKENDS
+LOSS = choice(_names("training.losses", "LOSSES"), "LOSS")  # training.losses.LOSSES
+STUDENT = choice(lambda: _registry("student"), "ARCH")  # the registry's students (engine models)
+STUDENT_OR_TEACHER = choice(lambda: _registry("any"), "NAME")  # a student architecture or a teacher name
+
+
+def number(minimum: float | None = None, maximum: float | None = None, open_min: bool = False,
+           open_max: bool = False) -> Callable:
+    """A typer callback for a float option: a finite number within the bounds, else a usage error.
+
+    (a plain min/max range lets NaN through: every comparison with NaN is false.)
+    """
+
+    def check(value):
+        if value is None:
+            return value
+        ok = math.isfinite(value)
+        if ok and minimum is not None:
+            ok = value > minimum if open_min else value >= minimum
+        if ok and maximum is not None:
+            ok = value < maximum if open_max else value <= maximum
+        if not ok:
+            raise typer.BadParameter(f"must be a finite number{describe_range(minimum, maximum, open_min, open_max)}, got {value}")
+        return value
+
+    return check
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """'1,0.707,0.5' -> (1.0, 0.707, 0.5): finite positive factors; a usage error otherwise."""
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"must be comma-separated numbers, got {text!r}") from None
+    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise typer.BadParameter(f"must be finite positive numbers, got {text!r}")
+    return scales
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def device_name(value: str) -> str:
+    """A typer callback: 'cpu', 'cuda' or 'cuda:N' (a usage error otherwise)."""
+    if not DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"must be cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def require_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have, in one line, before any work."""
+    if device == "cpu":
+        return
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        raise EngineError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    if index >= torch.cuda.device_count():
+        raise EngineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def output_file(path: Path, option: str = "--out") -> Path:
+    """An output that is one file: refused when it is an existing folder or its parent is a file."""
+    if path.is_dir():
+        raise EngineError(f"is a folder: {option} takes a file name", path)
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise EngineError(f"{option}: {parent} is a file, not a folder", path)
+    return path
+
+
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """An output that is a folder: refused when it is an existing file or inside one."""
+    if path.exists() and not path.is_dir():
+        raise EngineError(f"is a file: {option} takes a folder", path)
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise EngineError(f"{option}: {parent} is a file, not a folder", path)
+    return path
