@@ -141,7 +141,7 @@ def encode(
     split: str = typer.Option("gallery", "--split", **opt.fixed("gallery", "query", "train", "val"),
                               help="With --gnd: gallery or query (queries are cropped to bbx); with --train-set: train or val"),
     max_side: int = typer.Option(MAX_SIDE, "--max-side", min=MIN_SIDE, help=MAX_SIDE_HELP),
-    scales: str = typer.Option("1", "--scales", help="Multi-scale factors, e.g. 1,0.707,0.5"),
+    scales: str = typer.Option("1", "--scales", callback=parse_scales, help="Multi-scale factors, e.g. 1,0.707,0.5"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass"),
     workers: int = typer.Option(AUTO_WORKERS, "--workers", min=-1, help=WORKERS_HELP),
     device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="cpu, cuda or cuda:N"),
@@ -155,7 +155,6 @@ def encode(
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete store (or replace Q.npy)"),
 ):
     """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar)."""
-    scales_t = parse_scales(scales)
     if out_path.suffix == ".npy":
         opt.output_file(out_path)
         if out_path.exists() and not overwrite:
@@ -167,7 +166,7 @@ def encode(
 
     enc = resolve_encoder(model, student, target, weights)
     items, names = resolve_items(images, gnd, train_set, split)
-    opts = EncodeOptions(max_side=max_side, batch_size=batch_size, workers=_workers(workers), scales=scales_t,
+    opts = EncodeOptions(max_side=max_side, batch_size=batch_size, workers=_workers(workers), scales=scales,
                          skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}", backend=runner,
                          compile=compile_, cache_dir=cache_dir)
     if out_path.suffix == ".npy":
@@ -481,14 +480,13 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
     train: Optional[str] = typer.Option(None, "--train", **opt.LOSS, help="Also train the student with this loss and score it"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs with --train"),
-    scales: str = typer.Option("1", "--scales", help="Test-time multi-scale factors, e.g. 1,0.707,0.5 (METHOD.md's protocol)"),
+    scales: str = typer.Option("1", "--scales", callback=parse_scales, help="Test-time multi-scale factors, e.g. 1,0.707,0.5 (METHOD.md's protocol)"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
-    scales_t = parse_scales(scales)
     opt.output_folder(out_dir)
     from .demo import run_demo
 
-    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales_t)
+    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales)
     if as_json:
         print(json.dumps(results["metrics"]))
     else:
@@ -500,6 +498,19 @@ def demo(
 from .report import report as _report  # noqa: E402  (the command carries its own typer options)
 
 app.command("report", help="A static HTML retrieval report: metrics, plots, per-query rankings, two result sets side by side.")(_report)
+
+def all_params() -> list[tuple[str, object]]:
+    """(command path, click parameter) for every parameter of every command, groups walked recursively
+    (for the tests that hold every option to its help, its default and its range)."""
+
+    def walk(cmd, path):
+        for p in cmd.params:
+            yield path, p
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    return list(walk(typer.main.get_command(app), "engine"))
+
 
 # An OSError with a file name and one of these causes is the user's to fix (a path, a permission, a full disk).
 USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG,

@@ -90,7 +90,7 @@ def number(minimum: float | None = None, maximum: float | None = None, open_min:
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
-    """'1,0.707,0.5' -> (1.0, 0.707, 0.5): finite positive factors; a usage error otherwise."""
+    """'1,0.707,0.5' -> (1.0, 0.707, 0.5): finite positive factors; a usage error otherwise (a typer callback)."""
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
