@@ -103,8 +103,9 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     bench = out_dir / "views"
+    scene_photos = photos_in(photos) if photos else None  # a bad folder is refused before anything is said or made
     log.print(f"building the views benchmark in {bench}")
-    build_views(bench, photos=photos_in(photos) if photos else None, difficulty=difficulty, seed=seed)
+    build_views(bench, photos=scene_photos, difficulty=difficulty, seed=seed)
     gnd_path = bench / "test" / "gnd.pkl"
     cfg = revisited.load_gnd(gnd_path)
     images_dir = revisited.images_dir_for(gnd_path)
