@@ -37,7 +37,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Benchmarks and datasets.")
 app.add_typer(store_app, name="store")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one note, one line, whatever the terminal width
 out = Console()
 _state = {"debug": False}
 
@@ -205,10 +205,19 @@ def search(
 
     store = open_store(store_path)
     q, meta = load_vectors(queries)
+    # Values past what can change the answer are brought back to it (same results), and said.
+    if k > store.count > 0:
+        console.print(f"note: -k {k} is more than the store's {store.count} rows: {store.count} results per query")
+        k = store.count
+    if rescore and store.count and k * rescore > store.count + k:
+        whole = -(-store.count // k)  # k x this many candidates already cover every row
+        console.print(f"note: --rescore {rescore} asks for more candidates than the store's {store.count} rows: using {whole}")
+        rescore = whole
+    if threads > (cores := os.cpu_count() or 1):
+        console.print(f"note: --threads {threads} is more than this machine's {cores} cores: using {cores}")
+        threads = cores
     scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads,
                              device=device)
-    if k > ids.shape[1]:
-        console.print(f"note: -k {k} is more than the store's {store.count} rows: {ids.shape[1]} results per query")
     save_results(out_path, ids, scores)
     console.print(f"wrote top-{ids.shape[1]} of {store.count} for {len(q)} queries to {out_path}")
 
