@@ -368,3 +368,19 @@ def test_internal_errors_and_user_os_errors(run_cli, monkeypatch, tmp_path):
     monkeypatch.setattr(engine.store, "open_store", denied)
     code, out, err = run_cli("store", "info", tmp_path / "s")
     assert code == EXIT_INPUT and err == f"error: {tmp_path / 's' / 'manifest.json'}: permission denied\n"
+
+
+def test_the_value_checks_every_layer_shares():
+    from engine.checks import check_float, check_int
+    from engine.errors import EngineError
+
+    assert check_int(np.int64(3), "k") == 3 and check_int(0, "threads", minimum=0) == 0
+    for bad in (0, -1, True, 2.0, "3", None):
+        with pytest.raises(EngineError, match=r"^k must be a positive integer, got"):
+            check_int(bad, "k")
+    with pytest.raises(EngineError, match=r"threads must be an integer >= 0 \(0 = all cores\), got -1"):
+        check_int(-1, "threads", minimum=0, note="0 = all cores")
+    assert check_float(np.float32(0.5), "f", 0, 1, open_min=True) == 0.5
+    for bad in (float("nan"), float("inf"), -float("inf"), 0.0, 1.5, False, "0.5"):
+        with pytest.raises(EngineError, match=r"^f must be a finite number in \(0, 1\], got"):
+            check_float(bad, "f", 0, 1, open_min=True)

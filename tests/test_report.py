@@ -196,7 +196,7 @@ def test_results_that_do_not_fit_the_ground_truth(bench, tmp_path, make, message
 
 
 @pytest.mark.parametrize("kind, text, message", [
-    ("speed", '[{"label": "s", "images_per_s": 0, "mAP": 50}]', "images_per_s must be positive"),
+    ("speed", '[{"label": "s", "images_per_s": 0, "mAP": 50}]', r"images_per_s must be a finite number > 0, got 0"),
     ("speed", '{"label": "s"}', "non-empty JSON list"),
     ("curves", '{"loss": 1.0}\n', "line 1 must be an object with an 'epoch'"),
     ("curves", '{"epoch": 1, "loss": "high"}\n', "line 1 loss must be a finite number"),

@@ -8,14 +8,13 @@ without importing torch.
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import typer
 
-from ..checks import describe_range
+from ..checks import float_problem
 from ..errors import EngineError
 
 
@@ -69,21 +68,13 @@ STUDENT_OR_TEACHER = choice(lambda: _registry("any"), "NAME")  # a student archi
 
 def number(minimum: float | None = None, maximum: float | None = None, open_min: bool = False,
            open_max: bool = False) -> Callable:
-    """A typer callback for a float option: a finite number within the bounds, else a usage error.
-
-    (a plain min/max range lets NaN through: every comparison with NaN is false.)
-    """
+    """A typer callback for a float option: a finite number within the bounds (`checks.float_problem`), else a
+    usage error. (A plain min/max range lets NaN through: every comparison with NaN is false.)"""
 
     def check(value):
-        if value is None:
-            return value
-        ok = math.isfinite(value)
-        if ok and minimum is not None:
-            ok = value > minimum if open_min else value >= minimum
-        if ok and maximum is not None:
-            ok = value < maximum if open_max else value <= maximum
-        if not ok:
-            raise typer.BadParameter(f"must be a finite number{describe_range(minimum, maximum, open_min, open_max)}, got {value}")
+        problem = None if value is None else float_problem(value, minimum, maximum, open_min, open_max)
+        if problem:
+            raise typer.BadParameter(f"{problem}, got {value}")
         return value
 
     return check
@@ -95,7 +86,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise typer.BadParameter(f"must be comma-separated numbers, got {text!r}") from None
-    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+    if not scales or any(float_problem(s, 0, open_min=True) for s in scales):
         raise typer.BadParameter(f"must be finite positive numbers, got {text!r}")
     return scales
 

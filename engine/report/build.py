@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_int
 from ..datasets.revisited import image_path, images_dir_for, load_gnd
 from ..errors import EngineError
 from ..evaluate import PROTOCOLS, compute_map, evaluate_revisited, ranks_from_ids
@@ -59,8 +60,7 @@ def write_report(
     labels = [str(label) for label, _ in results]
     if len(set(labels)) != len(labels):
         raise EngineError(f"result set labels must differ, got {labels}")
-    if top_n < 1:
-        raise EngineError(f"top_n must be at least 1, got {top_n}")
+    check_int(top_n, "top_n")
     images_dir = images_dir_for(gnd_path) if images_dir is None else Path(images_dir)
     if not images_dir.is_dir():
         raise EngineError("images folder not found", images_dir)

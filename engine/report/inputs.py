@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_float
 from ..errors import EngineError
 from ..results import load_results
 
@@ -23,12 +24,6 @@ def load_result(path: str | Path, n_queries: int, n_gallery: int) -> tuple[np.nd
     if ids.size and ids.max() >= n_gallery:
         raise EngineError(f"ids outside 0..{n_gallery - 1}: results of another gallery than the ground truth's", path)
     return ids, scores
-
-
-def _number(value, what: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EngineError(f"{what} must be a finite number, got {value!r}", path)
-    return float(value)
 
 
 def _read_json(path: Path, what: str):
@@ -50,10 +45,8 @@ def load_speed(path: str | Path) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not {"label", "images_per_s", "mAP"} <= set(row):
             raise EngineError(f"entry {i} must be an object with label, images_per_s and mAP", path)
-        ips = _number(row["images_per_s"], f"entry {i} images_per_s", path)
-        if ips <= 0:
-            raise EngineError(f"entry {i} images_per_s must be positive, got {ips}", path)
-        out.append({"label": str(row["label"]), "images_per_s": ips, "mAP": _number(row["mAP"], f"entry {i} mAP", path)})
+        ips = check_float(row["images_per_s"], f"entry {i} images_per_s", minimum=0, open_min=True, path=path)
+        out.append({"label": str(row["label"]), "images_per_s": ips, "mAP": check_float(row["mAP"], f"entry {i} mAP", path=path)})
     return out
 
 
@@ -79,10 +72,10 @@ def load_training_log(path: str | Path) -> list[dict]:
             raise EngineError(f"line {n} is not valid JSON", path) from None
         if not isinstance(obj, dict) or "epoch" not in obj:
             raise EngineError(f"line {n} must be an object with an 'epoch'", path)
-        row = {"epoch": _number(obj["epoch"], f"line {n} epoch", path)}
+        row = {"epoch": check_float(obj["epoch"], f"line {n} epoch", path=path)}
         for key in TRAINING_KEYS:
             v = obj.get(key)
-            row[key] = math.nan if v is None else _number(v, f"line {n} {key}", path)
+            row[key] = math.nan if v is None else check_float(v, f"line {n} {key}", path=path)
         rows.append(row)
     if not rows:
         raise EngineError("training log has no lines", path)
