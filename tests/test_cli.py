@@ -168,7 +168,12 @@ def test_a_store_of_other_weights_in_the_same_space_is_not_resumed_into(encoded,
 
 # ---------------------------------------------------------------- the command line's own surface
 
-from engine.cli import all_params  # noqa: E402
+from engine.cli import app  # noqa: E402
+from engine.cli.options import all_params as params_of  # noqa: E402
+
+
+def all_params():
+    return params_of(app)
 
 
 def command_params(path: str) -> dict:

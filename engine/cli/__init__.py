@@ -1,15 +1,7 @@
 """The `engine` command: a thin typer layer over the package's functions.
 
-Options are checked here, at the edge, before any work: choices are read from the library that owns
-each list (`options`), numbers have their ranges (typer's min/max; floats also refuse NaN and infinities), and an
-output path that cannot be written is refused in one line. The defaults equal the library's own
-(EncodeOptions, TrainConfig; tests/test_cli.py holds them equal) without importing torch to start.
-Results go to stdout, progress and notes to stderr.
-
-One flag, one meaning: `--student` is always a student architecture (a registry name; a trained student is a
-checkpoint, given with `--model` or `--init`), `--runner` the inference runner of encoding, `--backend` the
-search backend, `--max-side` the longest side images are resized to (export's TensorRT profile bounds are
-`--profile-*`), `--workers` decoding threads (-1: half the cores).
+Every value is checked here, at the edge, before any work (engine/cli/options.py says how, and which flag
+means what). Results go to stdout, progress and notes to stderr.
 """
 from __future__ import annotations
 
@@ -205,17 +197,7 @@ def search(
 
     store = open_store(store_path)
     q, meta = load_vectors(queries)
-    # Values past what can change the answer are brought back to it (same results), and said.
-    if k > store.count > 0:
-        console.print(f"note: -k {k} is more than the store's {store.count} rows: {store.count} results per query")
-        k = store.count
-    if rescore and store.count and k * rescore > store.count + k:
-        whole = -(-store.count // k)  # k x this many candidates already cover every row
-        console.print(f"note: --rescore {rescore} asks for more candidates than the store's {store.count} rows: using {whole}")
-        rescore = whole
-    if threads > (cores := os.cpu_count() or 1):
-        console.print(f"note: --threads {threads} is more than this machine's {cores} cores: using {cores}")
-        threads = cores
+    k, rescore, threads = opt.fit_search(store.count, k, rescore, threads, console.print)
     scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads,
                              device=device)
     save_results(out_path, ids, scores)
@@ -507,19 +489,6 @@ def demo(
 from .report import report as _report  # noqa: E402  (the command carries its own typer options)
 
 app.command("report", help="A static HTML retrieval report: metrics, plots, per-query rankings, two result sets side by side.")(_report)
-
-def all_params() -> list[tuple[str, object]]:
-    """(command path, click parameter) for every parameter of every command, groups walked recursively
-    (for the tests that hold every option to its help, its default and its range)."""
-
-    def walk(cmd, path):
-        for p in cmd.params:
-            yield path, p
-        for name, sub in getattr(cmd, "commands", {}).items():
-            yield from walk(sub, f"{path} {name}")
-
-    return list(walk(typer.main.get_command(app), "engine"))
-
 
 # An OSError with a file name and one of these causes is the user's to fix (a path, a permission, a full disk).
 USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG,

@@ -1,5 +1,15 @@
 """The command line's value types and checks at the edge: choices, number ranges, devices, output paths.
 
+Choices are read from the library that owns each list; numbers have their ranges (typer's min/max; floats
+also refuse NaN and infinities); an output path that cannot be written is refused in one line. The defaults
+equal the library's own (EncodeOptions, TrainConfig; tests/test_cli.py holds them equal), written out so that
+the command starts without importing torch.
+
+One flag, one meaning: `--student` is always a student architecture (a registry name; a trained student is a
+checkpoint, given with `--model` or `--init`), `--runner` the inference runner of encoding, `--backend` the
+search backend, `--max-side` the longest side images are resized to (export's TensorRT profile bounds are
+`--profile-*`), `--workers` decoding threads (-1: half the cores).
+
 A bad value here is a usage error (exit 2), before any work; what only the run can tell
 (no GPU, an output path already taken) is an EngineError (exit 1) naming the option or file.
 The choices are read from the library that owns each list, when first needed: the command starts
@@ -8,6 +18,7 @@ without importing torch.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -114,6 +125,23 @@ def require_device(device: str) -> None:
         raise EngineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def fit_search(count: int, k: int, rescore: int | None, threads: int, say: Callable[[str], None]) -> tuple[int, int | None, int]:
+    """(k, rescore, threads) brought back to what can still change a search of `count` rows (the same results
+    for less), each change said through `say`: k to the row count, k x rescore candidates to every row,
+    threads to the cores. No size past the machine's then reaches the kernel."""
+    if k > count > 0:
+        say(f"note: -k {k} is more than the store's {count} rows: {count} results per query")
+        k = count
+    if rescore and count and k * rescore > count + k:
+        whole = -(-count // k)  # k x this many candidates already cover every row
+        say(f"note: --rescore {rescore} asks for more candidates than the store's {count} rows: using {whole}")
+        rescore = whole
+    if threads > (cores := os.cpu_count() or 1):
+        say(f"note: --threads {threads} is more than this machine's {cores} cores: using {cores}")
+        threads = cores
+    return k, rescore, threads
+
+
 def output_file(path: Path, option: str = "--out") -> Path:
     """An output that is one file: refused when it is an existing folder or its parent is a file."""
     if path.is_dir():
@@ -132,3 +160,16 @@ def output_folder(path: Path, option: str = "--out") -> Path:
     if parent is not None and not parent.is_dir():
         raise EngineError(f"{option}: {parent} is a file, not a folder", path)
     return path
+
+
+def all_params(app: typer.Typer) -> list[tuple[str, object]]:
+    """(command path, click parameter) for every parameter of every command of `app`, groups walked recursively
+    (for the tests that hold every option to its help, its default and its range)."""
+
+    def walk(cmd, path):
+        for p in cmd.params:
+            yield path, p
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    return list(walk(typer.main.get_command(app), "engine"))

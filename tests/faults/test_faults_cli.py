@@ -10,7 +10,8 @@ import typing
 import numpy as np
 import pytest
 
-from engine.cli import all_params
+from engine.cli import app
+from engine.cli.options import all_params as params_of
 from engine.errors import EXIT_INPUT
 
 pytestmark = pytest.mark.faults
@@ -56,7 +57,7 @@ def is_numeric(annotation) -> bool:
 
 
 def numeric_options():
-    return [(command, p.opts[0]) for command, p in all_params()
+    return [(command, p.opts[0]) for command, p in params_of(app)
             if p.opts and p.opts[0].startswith("-") and (is_numeric(p.type_descriptor.annotation) or p.name == "scales")]
 
 
