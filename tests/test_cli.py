@@ -389,3 +389,15 @@ def test_the_value_checks_every_layer_shares():
     for bad in (float("nan"), float("inf"), -float("inf"), 0.0, 1.5, False, "0.5"):
         with pytest.raises(EngineError, match=r"^f must be a finite number in \(0, 1\], got"):
             check_float(bad, "f", 0, 1, open_min=True)
+
+
+def test_an_interrupt_is_exit_130_with_one_line(run_cli, monkeypatch, tmp_path):
+    import engine.store
+    from engine.errors import EXIT_INTERRUPTED
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.store, "open_store", interrupted)
+    code, out, err = run_cli("store", "info", tmp_path)
+    assert code == EXIT_INTERRUPTED and err == "interrupted: rerun the same command to resume\n"
