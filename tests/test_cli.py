@@ -245,7 +245,8 @@ def test_one_flag_one_meaning():
     (["search", "s", "--queries", "q.npy", "--out", "r.npz", "--backend", "onnxruntime"], "onnxruntime"),
     (["train", "--out", "r", "--teacher-store", "t", "--train-set", "db.pkl", "--lr", "nan"], "--lr"),
     (["train", "--out", "r", "--teacher-store", "t", "--train-set", "db.pkl", "--val-gnd", "g.pkl"], "--val-store"),
-    (["train", "--out", "r", "--teacher-store", "t", "--train-set", "db.pkl", "--student", "vgg19"], "vgg19"),
+    (["train", "--out", "r", "--teacher-store", "t", "--train-set", "db.pkl", "--student", "vgg19"], "unknown student or teacher 'vgg19'"),
+    (["train", "--out", "r", "--teacher-store", "t", "--train-set", "db.pkl", "--loss", "nope"], "unknown loss 'nope'"),
     (["data", "views", "--out", "v", "--train-fraction", "1.5"], "--train-fraction"),
     (["export", "--model", "m", "--out", "m.onnx", "--profile-min-side", "64", "--profile-opt-side", "48"], "profile"),
 ])

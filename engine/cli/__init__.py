@@ -33,7 +33,8 @@ console = Console(stderr=True, soft_wrap=True)  # one note, one line, whatever t
 out = Console()
 _state = {"debug": False}
 
-# The defaults shared by several commands (equal to EncodeOptions' and TrainConfig's, see the module docstring).
+# Defaults shared by several commands: the library's own, written out so the command starts without torch
+# (tests/test_cli.py holds every option's default equal to EncodeOptions', TrainConfig's and these constants').
 MAX_SIDE = 362  # engine.images.DEFAULT_MAX_SIDE
 MIN_SIDE = 32  # engine.images.MIN_SIDE: a smaller image leaves the trunk no feature map to pool
 AUTO_WORKERS = -1  # the command's "half the cores" (engine.encode.default_workers)

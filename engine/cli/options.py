@@ -29,7 +29,7 @@ from ..checks import float_problem
 from ..errors import EngineError
 
 
-def choice(load: Callable[[], Iterable[str]], metavar: str | None = None) -> dict:
+def choice(what: str, load: Callable[[], Iterable[str]], metavar: str | None = None) -> dict:
     """typer.Option / Argument keywords for a value that must be one of `load()`: a usage error listing them otherwise.
 
     metavar: shown in the help instead of the list; give one when `load` is costly (it imports torch), so
@@ -42,7 +42,7 @@ def choice(load: Callable[[], Iterable[str]], metavar: str | None = None) -> dic
         if not names:
             names.extend(load())
         if value not in names:
-            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(names)}")
+            raise typer.BadParameter(f"unknown {what} {value!r}: expected one of {', '.join(names)}")
         return value
 
     if metavar is None:
@@ -63,18 +63,18 @@ def _registry(role: str) -> list[str]:
 
 def fixed(*values: str) -> dict:
     """A choice among the command line's own values (lists no library constant holds)."""
-    return choice(lambda: values)
+    return choice("value", lambda: values)
 
 
-DTYPE = choice(_names("engine.quantize", "DTYPES"))
-COPY_DTYPE = choice(_names("engine.quantize", "DTYPES", keep=lambda d: d != "float32"))
-SEARCH_BACKEND = choice(_names("engine.search", "BACKENDS"))
-DIFFICULTY = choice(_names("engine.datasets.views", "DIFFICULTIES"))
-DATASET = choice(_names("engine.datasets.download", "DATASETS"))
-RUNNER = choice(_names("engine.backends", "BACKENDS"), "RUNNER")  # engine.backends.BACKENDS
-LOSS = choice(_names("training.losses", "LOSSES"), "LOSS")  # training.losses.LOSSES
-STUDENT = choice(lambda: _registry("student"), "ARCH")  # the registry's students (engine models)
-STUDENT_OR_TEACHER = choice(lambda: _registry("any"), "NAME")  # a student architecture or a teacher name
+DTYPE = choice("dtype", _names("engine.quantize", "DTYPES"))
+COPY_DTYPE = choice("dtype", _names("engine.quantize", "DTYPES", keep=lambda d: d != "float32"))
+SEARCH_BACKEND = choice("backend", _names("engine.search", "BACKENDS"))
+DIFFICULTY = choice("difficulty", _names("engine.datasets.views", "DIFFICULTIES"))
+DATASET = choice("dataset", _names("engine.datasets.download", "DATASETS"))
+RUNNER = choice("runner", _names("engine.backends", "BACKENDS"), "RUNNER")  # engine.backends.BACKENDS
+LOSS = choice("loss", _names("training.losses", "LOSSES"), "LOSS")  # training.losses.LOSSES
+STUDENT = choice("student", lambda: _registry("student"), "ARCH")  # the registry's students (engine models)
+STUDENT_OR_TEACHER = choice("student or teacher", lambda: _registry("any"), "NAME")  # a student architecture or a teacher name
 
 
 def number(minimum: float | None = None, maximum: float | None = None, open_min: bool = False,
