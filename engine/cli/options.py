@@ -91,14 +91,18 @@ def number(minimum: float | None = None, maximum: float | None = None, open_min:
     return check
 
 
+MAX_SCALE = 4.0  # past 4x an image is upsampled to no new detail, and its memory grows with the square
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
-    """'1,0.707,0.5' -> (1.0, 0.707, 0.5): finite positive factors; a usage error otherwise (a typer callback)."""
+    """'1,0.707,0.5' -> (1.0, 0.707, 0.5): factors in (0, MAX_SCALE]; a usage error otherwise (a typer callback)."""
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise typer.BadParameter(f"must be comma-separated numbers, got {text!r}") from None
-    if not scales or any(float_problem(s, 0, open_min=True) for s in scales):
-        raise typer.BadParameter(f"must be finite positive numbers, got {text!r}")
+    problem = next((p for s in scales if (p := float_problem(s, 0, MAX_SCALE, open_min=True))), None)
+    if not scales or problem:
+        raise typer.BadParameter(f"each factor {problem or 'must be a number'}, got {text!r}")
     return scales
 
 
