@@ -402,3 +402,12 @@ def test_an_interrupt_is_exit_130_with_one_line(run_cli, monkeypatch, tmp_path):
     monkeypatch.setattr(engine.store, "open_store", interrupted)
     code, out, err = run_cli("store", "info", tmp_path)
     assert code == EXIT_INTERRUPTED and err == "interrupted: rerun the same command to resume\n"
+
+
+def test_the_command_starts_without_torch():
+    """Defaults are written out and the costly choice lists read on use, so `engine --help` does not load torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, engine.cli; sys.exit(sorted({'torch', 'matplotlib', 'training'} & set(sys.modules)) != [])"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -10,10 +10,8 @@ checkpoint, given with `--model` or `--init`), `--runner` the inference runner o
 search backend, `--max-side` the longest side images are resized to (export's TensorRT profile bounds are
 `--profile-*`), `--workers` decoding threads (-1: half the cores).
 
-A bad value here is a usage error (exit 2), before any work; what only the run can tell
-(no GPU, an output path already taken) is an EngineError (exit 1) naming the option or file.
-The choices are read from the library that owns each list, when first needed: the command starts
-without importing torch.
+A bad value is a usage error (exit 2), before any work; what only the run can tell (no GPU, an output
+path of the wrong kind) is an EngineError (exit 1) naming the option or file.
 """
 from __future__ import annotations
 
