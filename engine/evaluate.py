@@ -8,6 +8,7 @@ column q lists gallery indices best first.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -61,6 +62,33 @@ def precision_at(pos_ranks: np.ndarray, kappas: Sequence[int]) -> np.ndarray:
     return out
 
 
+def check_ranks(ranks, n_gallery: int | None = None, path: str | Path | None = None) -> np.ndarray:
+    """A ranking checked whole: (n_ranked, n_queries) integer gallery ids, each column listing an id once.
+
+    Returns it as int64. Raises EngineError (naming `path` when given) for another number of dimensions,
+    ids that are not integers (float ids are refused, not truncated), negative ids, ids >= n_gallery
+    (when given), or a column that lists an id twice (which would count one positive several times).
+    """
+    r = np.asarray(ranks)
+    if r.ndim != 2:
+        raise EngineError(f"ranks must be a 2-d array (n_ranked, n_queries), got shape {r.shape}", path)
+    if r.dtype == np.bool_ or not np.issubdtype(r.dtype, np.integer):
+        raise EngineError(f"gallery ids must be integers, got {r.dtype} (float ids are refused, not truncated)", path)
+    if r.size:
+        lo, hi = int(r.min()), int(r.max())
+        if lo < 0:
+            raise EngineError(f"gallery ids must be >= 0, got {lo}", path)
+        limit = np.iinfo(np.int64).max if n_gallery is None else n_gallery - 1
+        if hi > limit:
+            raise EngineError(f"gallery ids must lie in 0..{limit}, got {hi}: a ranking of another gallery?", path)
+        s = np.sort(r, axis=0)
+        dup = s[1:] == s[:-1]
+        if dup.any():
+            row, q = np.argwhere(dup)[0]
+            raise EngineError(f"the ranking of query {q} lists gallery id {s[row, q]} more than once", path)
+    return r.astype(np.int64, copy=False)
+
+
 def compute_map(
     ranks: np.ndarray, gnd: Sequence[dict], protocol: str = "medium", kappas: Sequence[int] = DEFAULT_KAPPAS
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
@@ -68,11 +96,13 @@ def compute_map(
 
     ranks: (n_gallery_ranked, n_queries) gallery indices, best first (a column may be a prefix).
     Returns (mAP, per-query AP with NaN for skipped queries, mP@kappas, per-query P@kappas), in [0, 1].
-    Queries without positives are skipped, as in the reference code.
+    Queries without positives are skipped, as in the reference code. A ranking that is not integer
+    ids, or that lists an id twice in a column, is refused (EngineError, see `check_ranks`).
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
         raise EngineError(f"ranks have shape {ranks.shape}, expected (n_gallery, {len(gnd)})")
+    ranks = check_ranks(ranks)
     n_q = len(gnd)
     aps = np.full(n_q, np.nan)
     prs = np.full((n_q, len(kappas)), np.nan)
@@ -106,8 +136,9 @@ def per_query_ap(ranks: np.ndarray, gnd: Sequence[dict], protocol: str = "medium
 
 
 def ranks_from_ids(ids: np.ndarray) -> np.ndarray:
-    """A search result's ids (n_queries x k, best first) as a revisitop ranks array (k x n_queries)."""
-    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).T)
+    """A search result's ids (n_queries x k, best first) as a revisitop ranks array (k x n_queries), checked
+    by `check_ranks` (integer, non-negative, no id twice for one query)."""
+    return np.ascontiguousarray(check_ranks(np.asarray(ids).T))
 
 
 def rank_by_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:

@@ -10,16 +10,15 @@ is among the candidates (the benchmark reports how often: recall@100 >= 0.999 at
 """
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from . import quantize
+from .checks import check_int
 from .errors import EngineError
-from .store import ShardView, Store, atomic_write_bytes
+from .store import ShardView, Store
 
 BACKENDS = ("engine", "faiss", "torch")
 # Fastest first (bytes scanned per row); each is made exact by rescoring against float32.
@@ -38,8 +37,7 @@ def check_queries(store: Store, queries: np.ndarray, k: int, space: str | None =
         raise EngineError(f"queries have D = {q.shape[1]}, the store has D = {store.dim}", store.path)
     if space and store.space and space != store.space:
         raise EngineError(f"queries are in space {space!r}, the store in {store.space!r}: asymmetric search needs one space", store.path)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise EngineError(f"k must be a positive integer, got {k!r}")
+    check_int(k, "k")
     if store.count == 0:
         raise EngineError("store is empty", store.path)
     if not np.issubdtype(q.dtype, np.number) or np.iscomplexobj(q):
@@ -84,8 +82,7 @@ def plan_scan(store: Store, scan: str | None = None, rescore: int | None = None)
         )
     if rescore is None:
         rescore = DEFAULT_RESCORE if has_exact and scan != "float32" else 0
-    if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or rescore < 0:
-        raise EngineError(f"rescore must be an integer >= 0, got {rescore!r}")
+    check_int(rescore, "rescore", minimum=0)
     if scan == "float32":
         rescore = 0
     if rescore and not has_exact:
@@ -204,8 +201,7 @@ def search(
     scan, rescore = plan_scan(store, scan, rescore)
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise EngineError(f"threads must be an integer >= 0 (0 = all cores), got {threads!r}")
+    check_int(threads, "threads", minimum=0, note="0 = all cores")
     check_device(backend, device)
     k = int(k)
     scores = np.zeros((len(q), 0), np.float32)
@@ -245,10 +241,3 @@ def search_stores(
         offset += store.count
     return scores, ids
 
-
-def save_results(path, ids: np.ndarray, scores: np.ndarray) -> None:
-    """A search result as RESULT.npz (`ids` int64 Q x k, `scores` float32 Q x k), written atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, ids=ids, scores=scores)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(path), buf.getvalue())

@@ -126,3 +126,44 @@ def test_rank_matrix_shape_is_checked():
 
     with pytest.raises(EngineError, match="expected"):
         compute_map(np.zeros((4, 3), int), [{"easy": [0], "hard": [], "junk": []}] * 2)
+
+
+def test_a_ranking_that_would_be_miscounted_is_refused():
+    from engine.errors import EngineError
+
+    gnd = [{"easy": [0], "hard": [], "junk": []}]
+    with pytest.raises(EngineError, match="lists gallery id 0 more than once"):
+        compute_map(np.array([[0], [0], [1]]), gnd, "easy")  # would count one positive twice: AP > 1
+    with pytest.raises(EngineError, match="must be integers, got float64"):
+        compute_map(np.array([[0.7], [1.0]]), gnd, "easy")  # not truncated to 0
+    with pytest.raises(EngineError, match=">= 0"):
+        compute_map(np.array([[-1], [0]]), gnd, "easy")
+
+
+def test_results_file_round_trip_and_every_defect_named(tmp_path):
+    from engine.errors import EngineError
+    from engine.results import load_results, save_results
+
+    ids = np.array([[2, 0, 1], [1, 2, 0]])
+    scores = np.array([[0.9, 0.5, 0.1], [0.8, 0.7, 0.2]])
+    save_results(tmp_path / "r.npz", ids, scores)
+    got_ids, got_scores = load_results(tmp_path / "r.npz")
+    assert got_ids.dtype == np.int64 and got_scores.dtype == np.float32
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_scores, scores.astype(np.float32))
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.npz"]  # written into place, no temporary left
+
+    np.save(tmp_path / "plain.npy", ids)
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "noscores.npz", ids=ids)
+    np.savez(tmp_path / "float.npz", ids=ids.astype(np.float64), scores=scores)
+    np.savez(tmp_path / "shape.npz", ids=ids, scores=scores[:, :2])
+    np.savez(tmp_path / "negative.npz", ids=-ids, scores=scores)
+    np.savez(tmp_path / "strings.npz", ids=ids, scores=np.array([["a", "b", "c"]] * 2))
+    cases = {"absent.npz": "no such results file", "plain.npy": "a single array", "text.npz": "not a readable results .npz",
+             "noscores.npz": "no 'scores'", "float.npz": "must be integers, got float64", "shape.npz": "must match",
+             "negative.npz": ">= 0", "strings.npz": "must be real numbers"}
+    for name, message in cases.items():
+        with pytest.raises(EngineError, match=message) as err:
+            load_results(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)

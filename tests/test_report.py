@@ -181,9 +181,11 @@ def test_missing_images_become_placeholders(bench, tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda g: np.zeros((len(g["qimlist"]) + 1, 4), np.int64), "results cover 4 queries, the ground truth has 3"),
-    (lambda g: np.full((len(g["qimlist"]), 4), len(g["imlist"]), np.int64), "results of another gallery"),
-    (lambda g: np.zeros((len(g["qimlist"]), 4), np.float32), "must be a 2-d integer array"),
+    (lambda g: np.tile(np.arange(4), (len(g["qimlist"]) + 1, 1)), "results cover 4 queries, the ground truth has 3"),
+    (lambda g: np.tile(np.arange(4) + len(g["imlist"]), (len(g["qimlist"]), 1)), "results of another gallery"),
+    (lambda g: np.tile(np.arange(4, dtype=np.float32), (len(g["qimlist"]), 1)), "must be integers, got float32"),
+    (lambda g: np.tile([0, 1, 0, 2], (len(g["qimlist"]), 1)), "lists gallery id 0 more than once"),
+    (lambda g: np.tile([0, -1, 3, 2], (len(g["qimlist"]), 1)), "must be >= 0, got -1"),
 ])
 def test_results_that_do_not_fit_the_ground_truth(bench, tmp_path, make, message):
     root, gnd = bench
@@ -194,7 +196,7 @@ def test_results_that_do_not_fit_the_ground_truth(bench, tmp_path, make, message
 
 
 @pytest.mark.parametrize("kind, text, message", [
-    ("speed", '[{"label": "s", "images_per_s": 0, "mAP": 50}]', "images_per_s must be positive"),
+    ("speed", '[{"label": "s", "images_per_s": 0, "mAP": 50}]', r"images_per_s must be a finite number > 0, got 0"),
     ("speed", '{"label": "s"}', "non-empty JSON list"),
     ("curves", '{"loss": 1.0}\n', "line 1 must be an object with an 'epoch'"),
     ("curves", '{"epoch": 1, "loss": "high"}\n', "line 1 loss must be a finite number"),

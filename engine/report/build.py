@@ -1,16 +1,17 @@
 """`write_report`: results + ground truth + images -> report/index.html, thumbs/ and plots/."""
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_int
 from ..datasets.revisited import image_path, images_dir_for, load_gnd
 from ..errors import EngineError
 from ..evaluate import PROTOCOLS, compute_map, evaluate_revisited, ranks_from_ids
+from ..files import write_bytes
 from . import html, plots
 from .curves import precision_recall
 from .inputs import load_result, load_speed, load_training_log
@@ -27,13 +28,6 @@ def hit_labels(entry: dict) -> dict[int, str]:
         for i in entry.get(key, []):
             labels.setdefault(int(i), key)
     return labels
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -56,6 +50,9 @@ def write_report(
     out_dir/plots/*.png (also embedded in the page). Missing images become placeholders plus a warning.
     Raises EngineError for results that do not fit the ground truth.
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EngineError("is a file: the report goes into a folder", out_dir)
     cfg = load_gnd(gnd_path)
     n_q, n_g = len(cfg["qimlist"]), len(cfg["imlist"])
     if not results:
@@ -63,15 +60,13 @@ def write_report(
     labels = [str(label) for label, _ in results]
     if len(set(labels)) != len(labels):
         raise EngineError(f"result set labels must differ, got {labels}")
-    if top_n < 1:
-        raise EngineError(f"top_n must be at least 1, got {top_n}")
+    check_int(top_n, "top_n")
     images_dir = images_dir_for(gnd_path) if images_dir is None else Path(images_dir)
     if not images_dir.is_dir():
         raise EngineError("images folder not found", images_dir)
     all_ids, all_scores = zip(*(load_result(path, n_q, n_g) for _, path in results))
     training = load_training_log(curves) if curves is not None else None
     speed_rows = load_speed(speed) if speed is not None else None
-    out_dir = Path(out_dir)
 
     metrics, aps, pr = {}, [], {}
     for label, ids in zip(labels, all_ids):
@@ -111,7 +106,7 @@ def write_report(
     if training is not None:
         figures.append(("training curves", "training.png", plots.training_plot(training)))
     for _, file, png in figures:
-        _write_bytes(out_dir / "plots" / file, png)
+        write_bytes(out_dir / "plots" / file, png)
 
     page = {
         "title": f"Retrieval report: {Path(gnd_path).parent.name or Path(gnd_path).name}",
@@ -125,5 +120,5 @@ def write_report(
         "queries": queries,
     }
     index = out_dir / "index.html"
-    _write_bytes(index, html.render(page).encode())
+    write_bytes(index, html.render(page).encode())
     return index

@@ -7,47 +7,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_float
 from ..errors import EngineError
+from ..results import load_results
 
 
 def load_result(path: str | Path, n_queries: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
-    """A search result `RESULT.npz` checked against the ground truth's sizes.
+    """A search result `RESULT.npz` (read and checked by `engine.results.load_results`) that must fit the
+    ground truth: n_queries rows of ids in 0..n_gallery-1.
 
-    Returns (ids, scores): (n_queries, k) int64 gallery row numbers best first, and their (n_queries, k)
-    float32 scores (NaN when the file has no `scores`).
-    Raises EngineError naming `path` when the file is unreadable, has no 2-d `ids`, covers another
-    number of queries, or holds ids outside 0..n_gallery-1 (a result of another store).
+    Returns (ids int64, scores float32), both (n_queries, k), best first. Raises EngineError naming `path`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise EngineError("no such results file", path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "ids" not in data:
-                raise EngineError("results .npz has no 'ids' array", path)
-            ids = np.asarray(data["ids"])
-            scores = np.asarray(data["scores"], dtype=np.float32) if "scores" in data else None
-    except EngineError:
-        raise
-    except Exception as e:
-        raise EngineError(f"not a readable results .npz ({type(e).__name__})", path) from None
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise EngineError(f"'ids' must be a 2-d integer array (queries x k), got {ids.dtype} {ids.shape}", path)
+    ids, scores = load_results(path)
     if ids.shape[0] != n_queries:
         raise EngineError(f"results cover {ids.shape[0]} queries, the ground truth has {n_queries}", path)
-    if ids.size and (ids.min() < 0 or ids.max() >= n_gallery):
+    if ids.size and ids.max() >= n_gallery:
         raise EngineError(f"ids outside 0..{n_gallery - 1}: results of another gallery than the ground truth's", path)
-    if scores is None:
-        scores = np.full(ids.shape, np.nan, dtype=np.float32)
-    elif scores.shape != ids.shape:
-        raise EngineError(f"'scores' has shape {scores.shape}, 'ids' {ids.shape}", path)
-    return ids.astype(np.int64, copy=False), scores
-
-
-def _number(value, what: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EngineError(f"{what} must be a finite number, got {value!r}", path)
-    return float(value)
+    return ids, scores
 
 
 def _read_json(path: Path, what: str):
@@ -69,10 +45,8 @@ def load_speed(path: str | Path) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not {"label", "images_per_s", "mAP"} <= set(row):
             raise EngineError(f"entry {i} must be an object with label, images_per_s and mAP", path)
-        ips = _number(row["images_per_s"], f"entry {i} images_per_s", path)
-        if ips <= 0:
-            raise EngineError(f"entry {i} images_per_s must be positive, got {ips}", path)
-        out.append({"label": str(row["label"]), "images_per_s": ips, "mAP": _number(row["mAP"], f"entry {i} mAP", path)})
+        ips = check_float(row["images_per_s"], f"entry {i} images_per_s", minimum=0, open_min=True, path=path)
+        out.append({"label": str(row["label"]), "images_per_s": ips, "mAP": check_float(row["mAP"], f"entry {i} mAP", path=path)})
     return out
 
 
@@ -98,10 +72,10 @@ def load_training_log(path: str | Path) -> list[dict]:
             raise EngineError(f"line {n} is not valid JSON", path) from None
         if not isinstance(obj, dict) or "epoch" not in obj:
             raise EngineError(f"line {n} must be an object with an 'epoch'", path)
-        row = {"epoch": _number(obj["epoch"], f"line {n} epoch", path)}
+        row = {"epoch": check_float(obj["epoch"], f"line {n} epoch", path=path)}
         for key in TRAINING_KEYS:
             v = obj.get(key)
-            row[key] = math.nan if v is None else _number(v, f"line {n} {key}", path)
+            row[key] = math.nan if v is None else check_float(v, f"line {n} {key}", path=path)
         rows.append(row)
     if not rows:
         raise EngineError("training log has no lines", path)

@@ -13,22 +13,23 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from .datasets import revisited
-from .encode import EncodeOptions, default_workers, encode_to_array, encode_to_store, save_vectors
-from .evaluate import evaluate_revisited, rank_by_similarity, ranks_from_ids
-from .models import build_student, build_teacher
-from .search import save_results, search
-from .store import Store
+from ..datasets import revisited
+from ..encode import EncodeOptions, default_workers, encode_to_array, encode_to_store, save_vectors
+from ..errors import EngineError
+from ..evaluate import evaluate_revisited, rank_by_similarity, ranks_from_ids
+from ..models import build_student, build_teacher
+from ..results import save_results
+from ..search import search
+from ..store import Store
 
 TEACHER = "effnet-lite2-gem"
-MAX_SIDE = 362
 TRAIN_LR = 1e-5  # the head starts at the classifier bridge: small steps refine it, large ones undo it
 
 
 def _queries(enc, items, names, path: Path, opts: EncodeOptions) -> np.ndarray:
     vecs, kept, skipped = encode_to_array(enc, items, opts)
     if skipped:  # every query must have a vector for the protocol
-        raise RuntimeError(f"{len(skipped)} benchmark queries failed to decode: {skipped[0]}")
+        raise EngineError(f"{len(skipped)} benchmark queries failed to decode (first: {skipped[0]})", path)
     save_vectors(path, vecs, {"space": enc.space, "dim": enc.dim, "encoder": enc.config, "names": names})
     return vecs
 
@@ -45,7 +46,7 @@ def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: E
     from training.trainer import TrainConfig, Trainer
     from training.validate import load_val_set
 
-    from .datasets.sfm import load_training_set
+    from ..datasets.sfm import load_training_set
 
     db = bench / "train" / "db.pkl"
     ts = load_training_set(db)
@@ -95,15 +96,16 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
     `student_trained_asym` and `student_trained_sym` settings. scales: the test images' multi-scale factors
     (METHOD.md's protocol is 1, 1/sqrt(2), 1/2); the training images are encoded at one scale, as there.
     """
-    from .datasets.photos import photos_in
-    from .datasets.views import build_views
+    from ..datasets.photos import photos_in
+    from ..datasets.views import build_views
 
     log = log or Console(stderr=True)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     bench = out_dir / "views"
+    scene_photos = photos_in(photos) if photos else None  # a bad folder is refused before anything is said or made
     log.print(f"building the views benchmark in {bench}")
-    build_views(bench, photos=photos_in(photos) if photos else None, difficulty=difficulty, seed=seed)
+    build_views(bench, photos=scene_photos, difficulty=difficulty, seed=seed)
     gnd_path = bench / "test" / "gnd.pkl"
     cfg = revisited.load_gnd(gnd_path)
     images_dir = revisited.images_dir_for(gnd_path)
@@ -112,7 +114,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
 
     teacher = build_teacher(TEACHER)
     stu = build_student(student, teacher.dim, teacher.space, teacher=teacher.name, bridge_to=teacher)
-    opts = EncodeOptions(max_side=MAX_SIDE, workers=default_workers(), scales=tuple(scales))
+    opts = EncodeOptions(workers=default_workers(), scales=tuple(scales))
     log.print(f"teacher {teacher.name} (D = {teacher.dim}); untrained student {stu.name}")
 
     opts.label = "teacher gallery"
@@ -132,7 +134,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
         "student_asym": _evaluate(t_store, q_student, stu.space, cfg["gnd"], results / "student_asym.npz"),
     }
     if train_loss:
-        from .models import load_checkpoint
+        from ..models import load_checkpoint
 
         log.print(f"training the student ({train_loss}, {epochs} epochs) on the benchmark's training scenes")
         trained = load_checkpoint(_train(teacher, student, train_loss, bench, out_dir, replace(opts, scales=(1.0,)), epochs))
@@ -144,7 +146,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = "mobilene
         metrics["student_trained_sym"] = _evaluate(ts_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_sym.npz")
         metrics["student_trained_asym"] = _evaluate(t_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_asym.npz")
     real_pairs = _real_pairs(bench / "pairs" / "gnd.pkl", teacher, stu, opts)
-    from .report import write_report
+    from ..report import write_report
 
     shown = ["teacher_sym", "student_asym"] + (["student_trained_asym"] if train_loss else [])
     curves = out_dir / f"train-{train_loss}" / "log.jsonl" if train_loss else None

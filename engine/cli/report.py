@@ -1,4 +1,4 @@
-"""The `engine report` command function (registered on the typer app in engine/cli.py)."""
+"""The `engine report` command function (registered on the typer app in engine/cli/__init__.py)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import EngineError
+from .options import output_folder
 
 
 def report(
@@ -17,12 +18,13 @@ def report(
     labels: Optional[list[str]] = typer.Option(None, "--label", help="A name per --results, in order (default: file names)"),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of <name>.jpg images (default: jpg/ beside the ground truth)"),
     out_dir: Path = typer.Option(Path("report"), "--out", help="Report folder: index.html, thumbs/, plots/"),
-    top_n: int = typer.Option(10, "--top", help="Hits shown per query"),
+    top_n: int = typer.Option(10, "--top", min=1, help="Hits shown per query"),
     curves: Optional[Path] = typer.Option(None, "--curves", help="Training log, JSON lines of {epoch, loss, val_asym_mAP, val_sym_mAP}"),
     speed: Optional[Path] = typer.Option(None, "--speed", help="JSON list of {label, images_per_s, mAP} for the speed/accuracy chart"),
 ):
     """A static HTML report: metrics, precision-recall and other plots, and every query's top hits."""
-    from .build import write_report
+    output_folder(out_dir)
+    from ..report import write_report
 
     labels = labels or [p.stem for p in results]
     if len(labels) != len(results):
