@@ -16,7 +16,7 @@ from .backbones import IMAGENET, torchvision_trunk
 from .encoder import Encoder, EncoderSpec, Head, HeadSpec, WeightSource, space_id
 from .errors import EngineError
 
-BASE_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/retrieval-SfM-120k/"
+BASE_URL = "https://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/retrieval-SfM-120k/"
 LW_KEY = "retrieval-SfM-120k"
 _WHITENING = "cirtorch Lw learned on SfM-120k (meta['Lw'], single-scale)"
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 
 from engine.datasets import download as dl
-from engine.errors import EngineError
+from engine.errors import EXIT_INPUT, EngineError
 
 
 class RangeHandler(BaseHTTPRequestHandler):
@@ -273,3 +273,14 @@ def test_registry_covers_the_published_files():
     assert dl.mirror_url("http://host.org/a/b.tgz", "http://127.0.0.1:9/m/") == "http://127.0.0.1:9/m/a/b.tgz"
     with pytest.raises(EngineError, match="unknown dataset"):
         dl.download("oxford105k", "/nonexistent")
+
+
+def test_command_line_pins(server, tmp_path, run_cli):
+    base, folder, _, _ = server
+    rparis_fixture(folder)
+    root = tmp_path / "data"
+    code, _, err = run_cli("data", "download", "rparis6k", "--root", root, "--base-url", base, "--sha256", "gnd_rparis6k.pkl=" + "0" * 64)
+    assert code == EXIT_INPUT and err.count("\n") == 1 and "gnd_rparis6k.pkl" in err and "pinned" in err
+    assert not (root / "rparis6k" / "gnd_rparis6k.pkl").exists()
+    code, _, err = run_cli("data", "download", "rparis6k", "--root", root, "--base-url", base, "--sha256", "gnd_rparis6k.pkl=xyz")
+    assert code == EXIT_INPUT and "FILE=SHA256" in err
