@@ -239,7 +239,8 @@ def store_import(
 ):
     """Make a store from vectors computed elsewhere."""
     from .encode import load_vectors
-    from .store import sha256_file, write_store
+    from .files import sha256_file
+    from .store import write_store
 
     v, meta = load_vectors(vectors)
     space = space or meta.get("space") or f"imported:{sha256_file(vectors)[:16]}"

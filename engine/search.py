@@ -19,7 +19,8 @@ import numpy as np
 
 from . import quantize
 from .errors import EngineError
-from .store import ShardView, Store, atomic_write_bytes
+from .files import write_bytes
+from .store import ShardView, Store
 
 BACKENDS = ("engine", "faiss", "torch")
 # Fastest first (bytes scanned per row); each is made exact by rescoring against float32.
@@ -250,5 +251,4 @@ def save_results(path, ids: np.ndarray, scores: np.ndarray) -> None:
     """A search result as RESULT.npz (`ids` int64 Q x k, `scores` float32 Q x k), written atomically."""
     buf = io.BytesIO()
     np.savez(buf, ids=ids, scores=scores)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    write_bytes(Path(path), buf.getvalue())

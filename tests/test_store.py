@@ -56,8 +56,10 @@ def test_interrupted_writer_resumes_after_last_whole_shard(tmp_path):
     path = tmp_path / "s"
     w = StoreWriter(path, "x", 16, shard_rows=100, n_items=300, source_key="job1")
     w.add_shard(v[:100], [str(i) for i in range(100)])
-    # a crash while writing shard 1 leaves only a temporary file behind
-    (path / "float32" / "shard-00001.npy.tmp").write_bytes(b"partial")
+    # a crash while writing shard 1 leaves a temporary file and maybe the whole shard file, not yet in the manifest
+    (path / "float32" / "shard-00001.npy.123.456.tmp").write_bytes(b"partial")
+    (path / "float32" / "shard-00001.npy").write_bytes(b"orphan")
+    w.close()  # the process died: the kernel dropped its lock
     with pytest.raises(EngineError, match="incomplete"):
         open_store(path)
     w2 = StoreWriter(path, "x", 16, shard_rows=100, n_items=300, source_key="job1")
@@ -67,6 +69,7 @@ def test_interrupted_writer_resumes_after_last_whole_shard(tmp_path):
     store = w2.finish()
     np.testing.assert_array_equal(open_store(path, checksums=True).vectors(), v)
     assert store.count == 300
+    assert not list(path.rglob("*.tmp"))
 
 
 def test_resume_with_another_job_is_refused(tmp_path):
@@ -118,3 +121,98 @@ def test_writing_into_a_foreign_folder_is_refused(tmp_path):
     with pytest.raises(EngineError, match="not a store"):
         write_store(tmp_path / "d", vectors(), "x")
     assert (tmp_path / "d" / "keep.txt").read_text() == "user data"
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    w = StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, source_key="job")
+    with pytest.raises(EngineError, match=r"another writer.*pid \d+ on .* since .*test_store") as e:
+        StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, source_key="job")
+    assert str(tmp_path / "s") in str(e.value)
+    with pytest.raises(EngineError, match="another writer"):
+        add_copy(tmp_path / "s", "int8")
+    w.add_shard(vectors(10), [str(i) for i in range(10)])
+    w.close()  # as the kernel does when the holder dies: the lock file stays, the lock is free
+    assert (tmp_path / "s" / ".lock").exists()
+    with StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, source_key="job") as w2:
+        assert w2.items_done == 10
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dtype": "float64"}, "unknown vector dtype 'float64'"),
+    ({"dtype": "x"}, "unknown vector dtype 'x'"),
+    ({"shard_rows": 0}, "shard_rows must be a positive integer, got 0"),
+    ({"shard_rows": -1}, "shard_rows must be a positive integer, got -1"),
+])
+def test_bad_dtype_or_shard_rows_is_an_error_before_anything_is_written(tmp_path, kwargs, match):
+    with pytest.raises(EngineError, match=match):
+        write_store(tmp_path / "s", vectors(), "x", **kwargs)
+    with pytest.raises(EngineError, match=match):
+        StoreWriter(tmp_path / "s", "x", 16, **kwargs)
+    assert not (tmp_path / "s").exists()
+
+
+def test_out_that_is_a_file_or_under_a_file_is_refused_leaving_nothing(tmp_path):
+    (tmp_path / "f").write_text("user data")
+    with pytest.raises(EngineError, match="is a file"):
+        write_store(tmp_path / "f", vectors(), "x")
+    with pytest.raises(EngineError, match="cannot create the store folder"):
+        write_store(tmp_path / "f" / "s", vectors(), "x")
+    assert (tmp_path / "f").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_are_refused(tmp_path, bad):
+    v = vectors()
+    v[77, 3] = bad
+    with pytest.raises(EngineError, match="row 77 .*img77.*NaN or infinite"):
+        write_store(tmp_path / "s", v, "x", [f"img{i}" for i in range(len(v))])
+    assert not (tmp_path / "s").exists()
+    with StoreWriter(tmp_path / "t", "x", 16, shard_rows=100) as w:
+        w.add_shard(v[:50], [str(i) for i in range(50)])
+        with pytest.raises(EngineError, match="row 77 .*NaN or infinite"):
+            w.add_shard(v[50:150], [str(i) for i in range(50, 150)])
+        assert w.rows_done == 50
+
+
+def test_rewritten_shard_gets_new_files_and_later_rows_shift(tmp_path):
+    v = vectors(30)
+    with StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, n_items=30) as w:
+        for a in (0, 10, 20):
+            w.add_shard(v[a:a + 10], [str(i) for i in range(a, a + 10)], (a, a + 10), sources=f"src{a}")
+        w.finish()
+    add_copy(tmp_path / "s", "int8")
+    untouched = {p: p.stat().st_ino for p in (tmp_path / "s").rglob("shard-0000[02]*")}
+    with StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, n_items=30) as w:
+        # shard 1's inputs changed: one of them is now unreadable (skipped), the others encode anew
+        w.replace_shard(1, -v[10:19], [str(i) for i in range(10, 19)], [{"item": 19, "path": "19", "error": "bad"}], "new1")
+        assert not w.complete
+        w.finish()
+    store = open_store(tmp_path / "s", checksums=True)
+    assert store.count == 29 and [s.start for s in store.shards()] == [0, 10, 19]
+    np.testing.assert_array_equal(store.vectors(), np.concatenate([v[:10], -v[10:19], v[20:]]))
+    assert np.abs(store.vectors("int8") - store.vectors()).max() < 1.5e-2
+    assert store.names()[10:20] == [str(i) for i in range(10, 19)] + ["20"]
+    assert not list((tmp_path / "s").rglob("shard-00001.*"))  # the old generation's files are gone
+    assert {p: p.stat().st_ino for p in (tmp_path / "s").rglob("shard-0000[02]*")} == untouched
+
+
+def test_manifest_is_validated_on_open(tmp_path):
+    write_store(tmp_path / "s", vectors(), "x", shard_rows=100)
+    good = json.loads((tmp_path / "s" / MANIFEST).read_text())
+
+    def tampered(change, match):
+        m = json.loads(json.dumps(good))
+        change(m)
+        (tmp_path / "s" / MANIFEST).write_text(json.dumps(m))
+        with pytest.raises(EngineError, match=match) as e:
+            open_store(tmp_path / "s")
+        assert MANIFEST in str(e.value)
+
+    tampered(lambda m: m.update(dim=16.0), "field dim: expected an integer")
+    tampered(lambda m: m.update(count=True), "field count: expected an integer")
+    tampered(lambda m: m.update(space=""), "field space")
+    tampered(lambda m: m["shards"][1].update(start=99), r"shards\[1\].start: is 99, expected 100")
+    tampered(lambda m: m["copies"]["float32"][0].update(file="/etc/passwd"), "not a plain relative path")
+    tampered(lambda m: m["copies"]["float32"][0].update(file="../x.npy"), "not a plain relative path")
+    tampered(lambda m: m["copies"].update(float64=[]), "unknown dtype 'float64'")
