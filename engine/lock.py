@@ -28,6 +28,24 @@ def _holder_text(fd: int) -> str:
         return "a writer that has not yet said who it is"
 
 
+def _refusal(folder: Path, holder: str) -> EngineError:
+    return EngineError(f"store is being written by {holder}: wait for it to finish (one writer at a time)", folder)
+
+
+def refuse_if_held(folder: Path) -> None:
+    """Raise the EngineError a second writer gets if a writer holds `folder` now; creates nothing."""
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody has ever written here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _refusal(Path(folder), _holder_text(fd)) from None
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+
+
 class WriteLock:
     """An exclusive write lock on `folder` (which must exist); `release()` or process exit frees it."""
 
@@ -44,7 +62,7 @@ class WriteLock:
         except BlockingIOError:
             holder = _holder_text(fd)
             os.close(fd)
-            raise EngineError(f"another writer is writing this store: {holder}; wait for it to finish", self.folder) from None
+            raise _refusal(self.folder, holder) from None
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from . import quantize
 from .errors import EngineError
 from .files import save_npy, sha256_file, write_bytes, written_by
-from .lock import LOCK_NAME, WriteLock
+from .lock import LOCK_NAME, WriteLock, refuse_if_held
 
 FORMAT = "aml-engine-store"
 VERSION = 1
@@ -179,6 +179,7 @@ def read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise EngineError("not a store: a file, not a folder", path)
     if not mpath.exists():
+        refuse_if_held(path)  # a writer that has not yet published a manifest is named, not taken for "not a store"
         raise EngineError(f"not a store: no {MANIFEST}", path)
     try:
         manifest = json.loads(mpath.read_bytes())
@@ -315,6 +316,7 @@ def open_store(path: str | Path, checksums: bool = False, allow_incomplete: bool
     path = Path(path)
     store = Store(path, read_manifest(path))
     if not store.complete and not allow_incomplete:
+        refuse_if_held(path)  # "being written" says more than "incomplete"
         raise EngineError("store is incomplete (an interrupted encode?): rerun the same command to resume", path)
     store.verify(checksums=checksums)
     return store

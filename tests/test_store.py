@@ -125,10 +125,10 @@ def test_writing_into_a_foreign_folder_is_refused(tmp_path):
 
 def test_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(tmp_path):
     w = StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, source_key="job")
-    with pytest.raises(EngineError, match=r"another writer.*pid \d+ on .* since .*test_store") as e:
+    with pytest.raises(EngineError, match=r"being written by pid \d+ on .* since .*test_store") as e:
         StoreWriter(tmp_path / "s", "x", 16, shard_rows=10, source_key="job")
     assert str(tmp_path / "s") in str(e.value)
-    with pytest.raises(EngineError, match="another writer"):
+    with pytest.raises(EngineError, match="being written by"):
         add_copy(tmp_path / "s", "int8")
     w.add_shard(vectors(10), [str(i) for i in range(10)])
     w.close()  # as the kernel does when the holder dies: the lock file stays, the lock is free
