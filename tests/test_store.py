@@ -216,3 +216,34 @@ def test_manifest_is_validated_on_open(tmp_path):
     tampered(lambda m: m["copies"]["float32"][0].update(file="/etc/passwd"), "not a plain relative path")
     tampered(lambda m: m["copies"]["float32"][0].update(file="../x.npy"), "not a plain relative path")
     tampered(lambda m: m["copies"].update(float64=[]), "unknown dtype 'float64'")
+
+
+def test_rerun_after_an_image_changed_rewrites_exactly_its_shard(tmp_path, run_cli):
+    from PIL import Image
+    from skimage import data
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, photo in enumerate([data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.camera(), data.cat()]):
+        Image.fromarray(photo[::6, ::6]).save(imgs / f"im{i}.png")
+    out = tmp_path / "s"
+    args = ["encode", "--model", "effnet-lite2-gem", "--images", imgs, "--out", out, "--max-side", 64, "--shard-rows", 2,
+            "--workers", 0, "--batch-size", 1, "--backend", "torch"]
+
+    def files():  # inode and bytes of every file: a rewrite shows even within one mtime tick
+        return {p.relative_to(out): (p.stat().st_ino, p.read_bytes()) for p in out.rglob("shard-*")}
+
+    assert run_cli(*args)[0] == 0
+    before, v0 = files(), open_store(out).vectors()
+    assert run_cli(*args)[0] == 0 and files() == before  # unchanged images: nothing rewritten
+    (imgs / "im2.png").write_bytes((imgs / "im5.png").read_bytes())  # another photograph under the same name
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    store = open_store(out, checksums=True)
+    v1 = store.vectors()
+    np.testing.assert_array_equal(v1[2], v0[5])  # row 2 now holds the new photograph's vector
+    np.testing.assert_array_equal(np.delete(v1, 2, axis=0), np.delete(v0, 2, axis=0))
+    after = files()
+    assert {k: v for k, v in after.items() if "shard-00001" not in str(k)} == {k: v for k, v in before.items() if "shard-00001" not in str(k)}
+    assert not set(before) & {k for k in after if "shard-00001" in str(k)}  # shard 1 under new names, the old ones gone
+    assert store.names() == [f"im{i}.png" for i in range(6)]
