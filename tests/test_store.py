@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from engine import quantize
 from engine.errors import EngineError
@@ -219,7 +220,6 @@ def test_manifest_is_validated_on_open(tmp_path):
 
 
 def test_rerun_after_an_image_changed_rewrites_exactly_its_shard(tmp_path, run_cli):
-    from PIL import Image
     from skimage import data
 
     imgs = tmp_path / "imgs"
@@ -247,3 +247,86 @@ def test_rerun_after_an_image_changed_rewrites_exactly_its_shard(tmp_path, run_c
     assert {k: v for k, v in after.items() if "shard-00001" not in str(k)} == {k: v for k, v in before.items() if "shard-00001" not in str(k)}
     assert not set(before) & {k for k in after if "shard-00001" in str(k)}  # shard 1 under new names, the old ones gone
     assert store.names() == [f"im{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize("array,match", [
+    (np.ones((2, 4), np.complex64), "complex64"),
+    (np.array([["a", "b"]]), "<U1"),
+    (np.zeros(2, dtype=[("x", np.float32), ("y", np.float32)]), "dtype"),
+    (np.ones((2, 4), bool), "bool"),
+    (np.ones(4, np.float32), "Q x D"),
+    (np.array([[1.0, np.nan]], np.float32), "row 0 holds NaN"),
+    (np.array([[1.0, 2.0], [1e300, 0.0]]), "row 1 holds NaN or infinite values \\(or overflows float32\\)"),
+])
+def test_load_vectors_refuses_what_is_not_real_finite_numbers(tmp_path, array, match):
+    from engine.encode import load_vectors
+
+    np.save(tmp_path / "v.npy", array)
+    with pytest.raises(EngineError, match=match) as e:
+        load_vectors(tmp_path / "v.npy")
+    assert "v.npy" in str(e.value)
+
+
+def test_object_npy_is_refused_without_unpickling(tmp_path):
+    from engine.encode import load_vectors
+
+    np.save(tmp_path / "v.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(EngineError, match="v.npy: not a readable .npy"):
+        load_vectors(tmp_path / "v.npy")
+
+
+@pytest.mark.parametrize("sidecar,match", [
+    ("[1, 2]", "must be a JSON object, got list"),
+    ('{"dim": "4"}', "dim must be an integer"),
+    ('{"dim": 4.0}', "dim must be an integer"),
+    ('{"dim": 5}', "says D = 5"),
+    ('{"space": 3}', "space must be a non-empty string"),
+    ('{"names": "ab"}', "names must be a list of strings"),
+    ('{"names": ["a", 2]}', "names must be a list of strings"),
+    ('{"names": ["a"]}', "names 1 rows, the array has 2"),
+    ("{oops", "unreadable sidecar"),
+])
+def test_malformed_sidecar_is_one_error_naming_it(tmp_path, sidecar, match):
+    from engine.encode import load_vectors
+
+    np.save(tmp_path / "v.npy", np.ones((2, 4), np.float32))
+    (tmp_path / "v.npy.json").write_text(sidecar)
+    with pytest.raises(EngineError, match=match) as e:
+        load_vectors(tmp_path / "v.npy")
+    assert "v.npy.json" in str(e.value)
+
+
+def test_save_vectors_into_a_folder_or_under_a_file_is_refused_leaving_nothing(tmp_path):
+    from engine.encode import save_vectors
+
+    (tmp_path / "q.npy").mkdir()
+    with pytest.raises(EngineError, match="is a folder"):
+        save_vectors(tmp_path / "q.npy", np.ones((2, 4), np.float32), {})
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(EngineError, match="is a file, not a folder"):
+        save_vectors(tmp_path / "f" / "q.npy", np.ones((2, 4), np.float32), {})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["f", "q.npy"]
+
+
+def test_non_finite_encoder_output_names_the_image(tmp_path, monkeypatch):
+    import torch
+
+    from engine import encode
+
+    class Runner:
+        device = torch.device("cpu")
+
+    def describe(encoder, images, scales, runner):  # an encoder that overflows on the second image
+        return torch.tensor([[float("nan") if images.mean() > 0.5 else 1.0, 0.0]])
+
+    monkeypatch.setattr(encode, "describe", describe)
+    items = []
+    for i, value in enumerate((0, 255)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / f"im{i}.png")
+        items.append((tmp_path / f"im{i}.png", None))
+    opts = encode.EncodeOptions(max_side=8, batch_size=1, workers=0, progress=False)
+    with pytest.raises(EngineError, match="im1.png: the encoder gave NaN or infinite values"):
+        list(encode.encode_items(None, items, opts, Runner()))
+    opts.skip_bad = True
+    out = list(encode.encode_items(None, items, opts, Runner()))
+    assert out[0][1] is not None and out[1][1] is None and "NaN" in out[1][2]
