@@ -7,7 +7,7 @@ import signal
 
 import numpy as np
 import pytest
-from storefaults import ENGINE, ENV, assert_same_store, baseline, encode_args, engine, photos
+from storefaults import ENGINE, assert_same_store, baseline, encode_args, engine, photos
 
 from engine.errors import EXIT_INPUT
 from engine.store import open_store
