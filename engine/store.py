@@ -339,12 +339,16 @@ def _check_finite(vectors: np.ndarray, names: Sequence[str] | None, first_row: i
         raise EngineError(f"row {first_row + r}{named} holds NaN or infinite values: refusing to store it", where)
 
 
+def _is_temp_manifest(entry: Path) -> bool:
+    return entry.name.startswith(MANIFEST + ".") and entry.name.endswith(".tmp")
+
+
 def _is_leftover(entry: Path) -> bool:
     """What a killed writer leaves in a folder it was starting: the lock, a temporary manifest."""
-    return entry.name == LOCK_NAME or (entry.name.startswith(MANIFEST + ".") and entry.name.endswith(".tmp"))
+    return entry.name == LOCK_NAME or _is_temp_manifest(entry)
 
 
-def _take_folder(path: Path, overwrite: bool) -> WriteLock:
+def _take_folder(path: Path) -> WriteLock:
     """Make `path` a folder a store may be written into, and lock it for this writer.
 
     Refused (one EngineError, nothing created): a file, a path under a file, a folder that holds anything
@@ -368,7 +372,7 @@ def _remove_orphans(path: Path, manifest: dict) -> None:
         for e in entries:
             referenced.update(path / e[k] for k in ("file", "scale") if k in e)
     for entry in path.iterdir():
-        if entry.name.startswith(MANIFEST + ".") and entry.name.endswith(".tmp"):
+        if _is_temp_manifest(entry):
             entry.unlink()
     for sub in ("names", *quantize.DTYPES):
         folder = path / sub
@@ -418,7 +422,7 @@ class StoreWriter:
             "shards": [],
             "copies": {self.dtype: []},
         }
-        self.lock = _take_folder(self.path, overwrite)
+        self.lock = _take_folder(self.path)
         try:
             if (self.path / MANIFEST).exists() and not overwrite:
                 old = read_manifest(self.path)
