@@ -30,18 +30,10 @@ from kernels import l2n
 
 from .backends import Runner, make_runner
 from .errors import EngineError
+from .files import save_npy, write_text
 from .images import DEFAULT_MAX_SIDE, read_image
 from .models import Encoder, weights_hash
-from .store import (
-    DEFAULT_SHARD_ROWS,
-    MANIFEST,
-    Store,
-    StoreWriter,
-    atomic_save_npy,
-    atomic_write_bytes,
-    open_store,
-    read_manifest,
-)
+from .store import DEFAULT_SHARD_ROWS, MANIFEST, Store, StoreWriter, open_store, read_manifest
 
 Item = tuple[Path, Sequence[float] | None]
 
@@ -220,7 +212,13 @@ def encode_items(
             for group in groups:
                 vecs = describe(encoder, to_batch([img for _, img in group], runner.device), opts.scales, runner)
                 for (i, _), v in zip(group, vecs.float().cpu().numpy()):
-                    results[i] = (v, None)
+                    if np.isfinite(v).all():
+                        results[i] = (v, None)
+                    elif opts.skip_bad:
+                        results[i] = (None, f"{items[i][0]}: the encoder gave NaN or infinite values")
+                    else:
+                        raise EngineError("the encoder gave NaN or infinite values for this image "
+                                          "(pass --skip-bad to record it and go on)", items[i][0])
 
         def drain():
             # Results come back out of order (buckets); hand them on in order as soon as they are contiguous.
@@ -265,12 +263,32 @@ def encode_to_array(
 
 
 def source_key(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions) -> str:
-    """Identifies an encode job (encoder weights, image list, boxes, resolution): resuming needs the same key."""
+    """Identifies an encode job (encoder weights, image list, boxes, resolution): resuming needs the same key.
+
+    The images' contents are not part of it: they are fingerprinted per shard (`item_sources`), so that a
+    rerun rewrites exactly the shards whose images changed.
+    """
     h = hashlib.sha256()
     # the weights themselves: students trained towards one teacher share its space id and their name
     h.update(json.dumps([encoder.space, encoder.name, weights_hash(encoder), opts.describe()]).encode())
     for path, bbx in items:
         h.update(f"{path}|{list(bbx) if bbx is not None else ''}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def item_sources(items: Sequence[Item]) -> str:
+    """A fingerprint of the items' files as they are now: path, box, size and mtime (ns) of each (stat only).
+
+    An image replaced under the same name changes it; a missing file has its own mark (its encode will fail).
+    """
+    h = hashlib.sha256()
+    for path, bbx in items:
+        try:
+            st = os.stat(path)
+            mark = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            mark = "missing"
+        h.update(f"{path}|{list(bbx) if bbx is not None else ''}|{mark}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -286,39 +304,47 @@ def encode_to_store(
     rebuild_stale: bool = False,
     runner: Runner | None = None,
 ) -> Store:
-    """Encode items into a store shard by shard; rerunning after an interruption resumes at the first missing shard.
+    """Encode items into a store shard by shard, under the store's write lock.
 
-    A complete store of the same job is returned as it is. A store of another job (other weights, images or
-    resolution) is an error, or is rebuilt with `rebuild_stale` (for folders the caller owns as a cache).
-    runner: an already built runner to reuse; None: one is made from `opts`.
+    Shard j holds items [j * shard_rows, (j + 1) * shard_rows) (less those skipped). A rerun of the same job
+    resumes at the first missing shard and rewrites exactly the shards whose images changed since they were
+    encoded (size or mtime); a complete, unchanged store is returned as it is. A store of another job (other
+    weights, image list or resolution) is an error, or is rebuilt with `rebuild_stale` (for folders the
+    caller owns as a cache). runner: an already built runner to reuse; None: one is made from `opts`.
     """
     if len(items) == 0:
         raise EngineError("nothing to encode: the image list is empty")
     info = {"encoder": encoder.config, "encode": opts.describe()}
     key = source_key(encoder, items, opts)
-    if not overwrite and (Path(out) / MANIFEST).exists():
-        existing = read_manifest(Path(out))
-        if existing.get("complete") and existing.get("source_key") == key and list(existing["copies"]) == [dtype]:
-            return open_store(out)  # the same job already finished: nothing to do
-        overwrite = rebuild_stale and existing.get("source_key") != key
-    writer = StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite)
-    start = writer.items_done
-    pending = list(range(start, len(items)))
-    vecs, kept, skipped = [], [], []
-    shard_start = start
-    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner)):
-        i = pending[pos]
-        if v is None:
-            skipped.append({"item": i, "path": str(items[i][0]), "error": err})
-        else:
-            vecs.append(v)
-            kept.append(i)
-        if i + 1 - shard_start == shard_rows or i + 1 == len(items):
-            array = np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
-            writer.add_shard(array, [names[j] for j in kept], (shard_start, i + 1), skipped)
-            vecs, kept, skipped = [], [], []
-            shard_start = i + 1
-    return writer.finish()
+    if not overwrite and rebuild_stale and (Path(out) / MANIFEST).exists():
+        overwrite = read_manifest(Path(out)).get("source_key") != key
+    with StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite) as writer:
+        ranges = [(a, min(a + shard_rows, len(items))) for a in range(0, len(items), shard_rows)]
+        sources = [item_sources(items[a:b]) for a, b in ranges]
+        todo = [j for j, shard in enumerate(writer.shards) if shard.get("sources") != sources[j]]
+        todo += list(range(len(writer.shards), len(ranges)))
+        if not todo and writer.complete:
+            return Store(writer.path, writer.manifest)  # the same job, the same images: nothing to do
+        pending = [i for j in todo for i in range(*ranges[j])]
+        ends = {ranges[j][1] - 1: j for j in todo}  # last item of each shard to write -> its index
+        vecs, kept, skipped = [], [], []
+        for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner)):
+            i = pending[pos]
+            if v is None:
+                skipped.append({"item": i, "path": str(items[i][0]), "error": err})
+            else:
+                vecs.append(v)
+                kept.append(i)
+            if i in ends:
+                j = ends[i]
+                array = np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
+                shard_names = [names[k] for k in kept]
+                if j < len(writer.shards):
+                    writer.replace_shard(j, array, shard_names, skipped, sources[j])
+                else:
+                    writer.add_shard(array, shard_names, ranges[j], skipped, sources[j])
+                vecs, kept, skipped = [], [], []
+        return writer.finish()
 
 
 # ---------------------------------------------------------------- query vectors as .npy + JSON sidecar
@@ -329,16 +355,48 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def save_vectors(path: str | Path, vectors: np.ndarray, meta: dict) -> Path:
-    """Vectors as .npy with a JSON sidecar (`<path>.json`: space, dim, encoder, names, skipped), both written atomically."""
+    """Vectors (Q x D float32) as .npy with a JSON sidecar (`<path>.json`: space, dim, encoder, names, skipped),
+    each written into place (engine.files). A folder at `path`, or a file where its folder should be, is an EngineError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(path, np.asarray(vectors, dtype=np.float32))
-    atomic_write_bytes(sidecar_path(path), json.dumps(meta, indent=1).encode())
+    if path.is_dir():
+        raise EngineError("is a folder: an .npy output needs a file name", path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EngineError(f"cannot write here: {parent} is a file, not a folder", path)
+            break
+    save_npy(path, np.asarray(vectors, dtype=np.float32))
+    write_text(sidecar_path(path), json.dumps(meta, indent=1))
     return path
 
 
+def _check_sidecar(meta, side: Path, vectors: np.ndarray) -> dict:
+    """A query sidecar is a JSON object whose known fields have their types; one EngineError naming the field otherwise."""
+    if not isinstance(meta, dict):
+        raise EngineError(f"sidecar must be a JSON object, got {type(meta).__name__}", side)
+    dim = meta.get("dim")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise EngineError(f"sidecar field dim must be an integer, got {dim!r}", side)
+    if dim is not None and dim != vectors.shape[1]:
+        raise EngineError(f"sidecar says D = {dim}, the array has D = {vectors.shape[1]}", side)
+    space = meta.get("space")
+    if space is not None and (not isinstance(space, str) or not space):
+        raise EngineError(f"sidecar field space must be a non-empty string, got {space!r}", side)
+    names = meta.get("names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise EngineError("sidecar field names must be a list of strings", side)
+        if len(names) != len(vectors):
+            raise EngineError(f"sidecar names {len(names)} rows, the array has {len(vectors)}", side)
+    return meta
+
+
 def load_vectors(path: str | Path) -> tuple[np.ndarray, dict]:
-    """(vectors Q x D float32, metadata) from an .npy (+ optional sidecar) or a store directory."""
+    """(vectors Q x D float32, metadata) from an .npy (+ optional sidecar) or a store directory.
+
+    Refused with one EngineError naming the file: arrays that are not real numbers (complex, strings, objects,
+    structured), not 2-d, holding NaN or infinite values (or values beyond float32), and malformed sidecars.
+    """
     path = Path(path)
     if not path.exists():
         raise EngineError("no such query file", path)
@@ -349,18 +407,25 @@ def load_vectors(path: str | Path) -> tuple[np.ndarray, dict]:
         vectors = np.load(path, allow_pickle=False)
     except Exception as e:
         raise EngineError(f"not a readable .npy array ({type(e).__name__})", path) from None
+    if not isinstance(vectors, np.ndarray) or vectors.dtype.kind not in "fiu":
+        kind = "an .npz archive" if not isinstance(vectors, np.ndarray) else f"dtype {vectors.dtype}"
+        raise EngineError(f"vectors must be a real-number array (float or integer), got {kind}", path)
     if vectors.ndim != 2:
-        raise EngineError(f"query vectors must be a Q x D array, got shape {vectors.shape}", path)
+        raise EngineError(f"vectors must be a Q x D array, got shape {vectors.shape}", path)
+    with np.errstate(over="ignore"):
+        vectors = vectors.astype(np.float32, copy=False)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise EngineError(f"row {int(np.flatnonzero(~finite)[0])} holds NaN or infinite values (or overflows float32)", path)
     meta = {}
     side = sidecar_path(path)
     if side.exists():
         try:
-            meta = json.loads(side.read_text())
-        except json.JSONDecodeError as e:
-            raise EngineError(f"unreadable sidecar ({e})", side) from None
-        if meta.get("dim") not in (None, vectors.shape[1]):
-            raise EngineError(f"sidecar says D = {meta['dim']}, the array has D = {vectors.shape[1]}", side)
-    return vectors.astype(np.float32, copy=False), meta
+            meta = json.loads(side.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise EngineError(f"unreadable sidecar ({type(e).__name__}: {str(e)[:80]})", side) from None
+        meta = _check_sidecar(meta, side, vectors)
+    return vectors, meta
 
 
 def default_workers() -> int:

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import EngineError
+
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # numpy dtype of each stored representation; bfloat16 has none, so its bits are kept as uint16.
 STORAGE_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
 
 
 def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown vector dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    """`dtype` itself when it is a store dtype; otherwise an EngineError listing the ones there are."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise EngineError(f"unknown vector dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     return dtype
 
 

@@ -25,9 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.errors import EngineError
 from kernels import l2n
+from engine.files import write_bytes
 from engine.models import (TEACHERS, Encoder, build_student, build_teacher, load_checkpoint, registry_teacher_of, save_checkpoint,
                            space_id)
-from engine.store import atomic_write_bytes
 
 from . import losses as L
 from .data import TrainData, batch_loader, forward_images
@@ -177,7 +177,7 @@ class Trainer:
     def _save(self, metrics: dict) -> None:
         if self.rank != 0:
             return
-        atomic_write_bytes(self.out / "config.json", json.dumps(asdict(self.cfg), indent=1).encode())
+        write_bytes(self.out / "config.json", json.dumps(asdict(self.cfg), indent=1).encode())
         extra = {"epoch": self.epoch, "metrics": metrics}
         self._checkpoint(self.out / "last.safetensors", extra)
         tmp = self._state_path().with_suffix(".tmp")

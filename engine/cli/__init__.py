@@ -434,13 +434,13 @@ def data_download(
     name: str = typer.Argument(..., **opt.DATASET, help="A dataset or teacher checkpoint"),
     root: Path = typer.Option(Path("data"), "--root", help="Where datasets are kept"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="A mirror that keeps the original paths"),
-    sha256: list[str] = typer.Option([], "--sha256", help="FILE=SHA256 you vouch for: the download must match it (repeatable)"),
+    sha256: Optional[list[str]] = typer.Option(None, "--sha256", help="FILE=SHA256 you vouch for: the download must match it (repeatable)"),
 ):
     """Download (resumable, checksummed) and unpack a dataset or teacher checkpoint into a standard layout."""
     opt.output_folder(root, "--root")
     from ..datasets.download import download, parse_pins
 
-    console.print(f"{name}: ready in {download(name, root, base_url, pins=parse_pins(sha256))}")
+    console.print(f"{name}: ready in {download(name, root, base_url, pins=parse_pins(sha256 or []))}")
 
 
 @data_app.command("convert-train")
