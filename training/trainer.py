@@ -35,6 +35,7 @@ from .options import is_count, is_finite, require, require_choice
 from .validate import ValSet, validate
 
 RESUMABLE_CHANGES = {"epochs", "workers", "val_every"}  # a resumed run may be extended, given other decoding workers or validated less often
+RUN_FILES = ("config.json", "last.safetensors", "best.safetensors", "log.jsonl", "last.state.pt")
 MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up to this size
 
 
@@ -136,6 +137,9 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:  # temporary files of a writer that was killed: never part of the run
+                for tmp in self.out.glob(f"{name}*.tmp"):
+                    tmp.unlink()
         torch.manual_seed(cfg.seed)
         if init is not None:
             self.student = load_checkpoint(init)
