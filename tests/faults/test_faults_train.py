@@ -130,3 +130,41 @@ def test_killed_training_resumes_bit_identical(tiny_train, tiny_bench, stores, t
     assert log(killed / "log.jsonl") == log(whole / "log.jsonl")
     assert [r["epoch"] for r in log(killed / "log.jsonl")] == [1, 2, 3]
     assert not list(killed.glob("*.tmp"))  # no temporary file left behind by the killed writers
+
+
+class Killed(Exception):
+    """Stands for a kill at one exact point of the run."""
+
+
+def test_a_crash_after_the_checkpoint_and_before_the_commit_redoes_that_epoch(tiny_train, stores, tmp_path, monkeypatch):
+    import torch
+
+    from engine.store import open_store
+    from training.data import load_train_data
+    from training.trainer import TrainConfig, Trainer
+
+    def fit(out):
+        cfg = TrainConfig(loss="regression", epochs=3, lr=1e-3, batch_size=2, images_per_epoch=16, max_side=SIDE,
+                          workers=0, freeze="trunk")
+        Trainer(cfg, load_train_data(tiny_train / "train" / "db.pkl", open_store(stores[0])), out, progress=False).fit()
+
+    fit(tmp_path / "whole")
+    save, calls = torch.save, []
+
+    def save_until_epoch_2(obj, f, *args, **kwargs):  # the state of epoch 2 is never committed
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_epoch_2)
+    with pytest.raises(Killed):
+        fit(tmp_path / "cut")
+    assert checkpoint(tmp_path / "cut" / "last.safetensors")[1]["epoch"] == 2  # written, but not committed
+    assert [r["epoch"] for r in log(tmp_path / "cut" / "log.jsonl")] == [1, 2]
+    monkeypatch.setattr(torch, "save", save)
+    fit(tmp_path / "cut")
+    want, got = checkpoint(tmp_path / "whole" / "last.safetensors"), checkpoint(tmp_path / "cut" / "last.safetensors")
+    assert want[1] == got[1] and all(torch.equal(want[0][k], got[0][k]) for k in want[0])
+    assert log(tmp_path / "cut" / "log.jsonl") == log(tmp_path / "whole" / "log.jsonl")
+    assert not list((tmp_path / "cut").glob("*.tmp"))
