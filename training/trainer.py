@@ -1,9 +1,9 @@
 """The training loop: a student learns to map images into a teacher's space (asymmetric) or its own (symmetric).
 
-Per epoch: knowledge-transfer losses (regression, RKD, DarkRank, CSD) draw random images;
-tuple losses (contrastive, contrastive+, triplet, multi-similarity) draw (query, positive)
-pairs, mine hard negatives from a pool (student queries against teacher pool vectors in
-asymmetric mode), and build tuples. Adam with the GeM p group at 10x lr and no weight decay,
+Per epoch, as the loss declares (`training.losses.Loss`; the trainer never looks at its name): a loss
+that does not need tuples (regression, RKD, DarkRank, CSD) gets batches of random images; a tuple loss
+(contrastive, contrastive+, triplet, multi-similarity) gets (query, positive) pairs with hard negatives
+mined from a pool (student queries against teacher pool vectors in asymmetric mode). Adam with the GeM p group at 10x lr and no weight decay,
 exponential lr decay, BatchNorm frozen. Validation each epoch (asymmetric and symmetric mAP),
 best-model selection, checkpoints after each epoch and resume. Under torchrun every process
 takes its share of each batch and the gradients are averaged with torch.distributed's all-reduce.
