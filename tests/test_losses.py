@@ -1,5 +1,6 @@
-"""Each loss against its formula written out directly, gradients, zero-loss cases, and the
-pytorch-metric-learning behaviour the tuple losses rely on."""
+"""Each loss against its formula written out directly (values and gradients, through the one interface
+the trainer calls), one-tuple batches, zero-loss cases, and the pytorch-metric-learning behaviour the
+tuple losses rely on."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from engine.errors import EngineError
-from training.losses import (LOSSES, TUPLE_LOSSES, contrastive, contrastive_plus, csd, darkrank,
+from training.losses import (LOSSES, contrastive, contrastive_plus, csd, darkrank, make_loss,
                              multi_similarity, regression, rkd, triplet)
 
 B, K, D = 5, 5, 16  # 30 reference rows: torch.cdist takes its matmul path, as in training
@@ -27,49 +28,34 @@ def tuples():
     return unit(B, D, seed=1), unit(B, 1 + K, D, seed=2), unit(B, D, seed=3)
 
 
-# ---------------------------------------------------------------- direct formulas
-def direct_contrastive(a, refs, margin):
+# ---------------------------------------------------------------- direct formulas (differentiable)
+def direct_contrastive(a, refs, margin=0.7):
     d = (a[:, None, :] - refs).norm(dim=2)
     return (0.5 * d[:, 0] ** 2).sum() + (0.5 * (margin - d[:, 1:]).clamp(min=0) ** 2).sum()
 
 
-def test_contrastive_is_the_cirtorch_sum(tuples):
-    a, refs, _ = tuples
-    for margin in (0.7, 1.2, 1.9):
-        assert torch.allclose(contrastive(a, refs, margin=margin), direct_contrastive(a, refs, margin))
-    assert torch.allclose(contrastive(a, refs, reduction="mean"), direct_contrastive(a, refs, 0.7) / B)
+def direct_contrastive_plus(a, refs, t, margin=0.7):
+    return direct_contrastive(a, refs, margin) + (0.5 * (a - t).norm(dim=1) ** 2).sum()
 
 
-def test_contrastive_plus_adds_the_anchor_teacher_as_positive(tuples):
-    a, refs, t = tuples
-    want = direct_contrastive(a, refs, 0.7) + (0.5 * (a - t).norm(dim=1) ** 2).sum()
-    assert torch.allclose(contrastive_plus(a, refs, t), want)
-
-
-def test_triplet_formula(tuples):
-    a, refs, _ = tuples
+def direct_triplet(a, refs, margin=0.1):
     d2 = ((a[:, None, :] - refs) ** 2).sum(dim=2)
-    for margin in (0.1, 0.5):
-        want = (d2[:, :1] - d2[:, 1:] + margin).clamp(min=0).sum()
-        assert torch.allclose(triplet(a, refs, margin=margin), want)
+    return (d2[:, :1] - d2[:, 1:] + margin).clamp(min=0).sum()
 
 
-def test_multi_similarity_formula(tuples):
-    a, refs, _ = tuples
+def direct_multi_similarity(a, refs, lam=0.5, alpha=2.0, beta=40.0):
     S = torch.einsum("bd,brd->br", a, refs)
-    lam, alpha, beta = 0.5, 2.0, 40.0
     pos = torch.log1p(torch.exp(-alpha * (S[:, 0] - lam))) / alpha
     neg = torch.log1p(torch.exp(beta * (S[:, 1:] - lam)).sum(dim=1)) / beta
-    assert torch.allclose(multi_similarity(a, refs), (pos + neg).sum())
+    return (pos + neg).sum()
 
 
-def test_regression_formula(tuples):
-    s, _, t = tuples
-    assert torch.allclose(regression(s, t), sum(0.5 * (s[i] - t[i]).dot(s[i] - t[i]) for i in range(B)) / B)
+def direct_regression(s, t):
+    return sum(0.5 * (s[i] - t[i]).dot(s[i] - t[i]) for i in range(len(s))) / len(s)
 
 
 def smooth_l1(x, y):
-    r = abs(x - y)
+    r = (x - y).abs()
     return 0.5 * r * r if r < 1 else r - 0.5
 
 
@@ -77,15 +63,15 @@ def direct_rkd(s, t):
     n = len(s)
 
     def dists(x):
-        d = [[(x[i] - x[j]).norm().item() for j in range(n)] for i in range(n)]
+        d = [[(x[i] - x[j]).norm() if i != j else x.new_zeros(()) for j in range(n)] for i in range(n)]
         mean = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
         return [[v / mean for v in row] for row in d]
 
     def cos(x, i, j, k):
-        u, v = x[j] - x[i], x[k] - x[i]
         if j == i or k == i:
-            return 0.0
-        return (u.dot(v) / (u.norm() * v.norm())).item()
+            return x.new_zeros(())
+        u, v = x[j] - x[i], x[k] - x[i]
+        return u.dot(v) / (u.norm() * v.norm())
 
     sd, td = dists(s), dists(t)
     dist_term = sum(smooth_l1(sd[i][j], td[i][j]) for i in range(n) for j in range(n)) / n ** 2
@@ -94,69 +80,144 @@ def direct_rkd(s, t):
     return dist_term + 2 * angle_term
 
 
-def test_rkd_formula():
-    s, t = unit(7, 6, seed=4), unit(7, 10, seed=5)  # student and teacher dimensions may differ
-    assert rkd(s, t).item() == pytest.approx(direct_rkd(s, t), rel=1e-10)
-    # A large scale difference puts distance residuals on the linear branch of Smooth-L1.
-    s_far = torch.cat([s[:6], 20 * s[6:]])
-    assert rkd(s_far, t).item() == pytest.approx(direct_rkd(s_far, t), rel=1e-10)
-
-
-def direct_darkrank(s, t, alpha, beta, length):
+def direct_darkrank(s, t, alpha=3.0, beta=3.0, length=4):
     total = 0.0
     for i in range(len(s)):
         others = [j for j in range(len(s)) if j != i]
         order = sorted(others, key=lambda j: (t[i] - t[j]).norm().item())[:length]
-        scores = [-alpha * (s[i] - s[j]).norm().item() ** beta for j in order]
-        total -= sum(scores[m] - math.log(sum(math.exp(v) for v in scores[m:])) for m in range(length))
+        scores = torch.stack([-alpha * (s[i] - s[j]).norm() ** beta for j in order])
+        total = total - sum(scores[m] - torch.logsumexp(scores[m:], dim=0) for m in range(length))
     return total / len(s)
 
 
+def direct_csd(s, t, r, tau_teacher=0.01, tau_student=1.0):
+    total = 0.0
+    for i in range(len(s)):
+        ctx = [t[i]] + [r[i, j] for j in range(r.shape[1])]
+        pt = torch.softmax(torch.stack([t[i].dot(c) for c in ctx]) / tau_teacher, 0)
+        ps = torch.softmax(torch.stack([s[i].dot(c) for c in ctx]) / tau_student, 0)
+        total = total + (pt * (pt.log() - ps.log())).sum()
+    return total / len(s)
+
+
+# Every registered loss, called (student, teacher, refs, neighbours) -> its direct formula.
+REFERENCE = {
+    "contrastive": lambda s, t, refs, nb: direct_contrastive(s, refs),
+    "contrastive+": lambda s, t, refs, nb: direct_contrastive_plus(s, refs, t),
+    "triplet": lambda s, t, refs, nb: direct_triplet(s, refs),
+    "multi-similarity": lambda s, t, refs, nb: direct_multi_similarity(s, refs),
+    "regression": lambda s, t, refs, nb: direct_regression(s, t),
+    "rkd": lambda s, t, refs, nb: direct_rkd(s, t),
+    "darkrank": lambda s, t, refs, nb: direct_darkrank(s, t),
+    "csd": lambda s, t, refs, nb: direct_csd(s, t, nb),
+}
+FORMS = [(name, mode) for name in sorted(LOSSES) for mode in ("asym", "sym")
+         if mode == "asym" or make_loss(name).symmetric_form]
+
+
+def batch_for(loss, n=6):
+    """A fixed random batch of what `loss` declares it needs: float64 unit rows.
+    Tuple losses: n anchors, n x (1+3) refs; the others: n images (teacher D' = D, as CSD needs)."""
+    student, teacher = unit(n, D, seed=21), unit(n, D, seed=22)
+    refs = unit(n, 4, D, seed=23) if loss.needs_tuples else None
+    neighbours = unit(n, loss.needs_neighbours, D, seed=24) if loss.needs_neighbours else None
+    return student, teacher, refs, neighbours
+
+
+@pytest.mark.parametrize("name,mode", FORMS)
+def test_each_loss_through_the_interface_matches_its_formula_and_gradient(name, mode):
+    loss = make_loss(name, csd_k=4 if name == "csd" else None)
+    student, teacher, refs, neighbours = batch_for(loss)
+    learns = [student] + ([refs] if mode == "sym" else [])  # sym: the refs are student vectors too
+    got_inputs = [x.clone().requires_grad_(any(x is y for y in learns)) if x is not None else None
+                  for x in (student, teacher, refs, neighbours)]
+    want_inputs = [x.clone().requires_grad_(any(x is y for y in learns)) if x is not None else None
+                   for x in (student, teacher, refs, neighbours)]
+    got = loss(got_inputs[0], got_inputs[1], refs=got_inputs[2], neighbours=got_inputs[3])
+    want = REFERENCE[name](*want_inputs)
+    assert got.ndim == 0 and got.item() == pytest.approx(want.item(), rel=1e-10, abs=1e-12)
+    got.backward()
+    want.backward()
+    for g, w in zip(got_inputs, want_inputs):
+        if w is not None and w.requires_grad:
+            assert torch.allclose(g.grad, w.grad, rtol=1e-8, atol=1e-12)
+    assert got_inputs[0].grad.abs().sum() > 0  # the batch is not a trivial zero of the loss
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_the_teacher_side_is_a_fixed_target(name):
+    loss = make_loss(name, csd_k=3 if name == "csd" else None)
+    student, teacher, refs, neighbours = (None if x is None else x.float() for x in batch_for(loss))
+    student.requires_grad_()
+    teacher.requires_grad_()
+    loss(student, teacher, refs=refs, neighbours=neighbours).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    assert teacher.grad is None or not teacher.grad.any()  # contrastive+ reads t(q) but must not move it
+
+
+# ---------------------------------------------------------------- one tuple, at most one negative
+@pytest.mark.parametrize("negatives", [0, 1])
+@pytest.mark.parametrize("name,direct", [("contrastive", direct_contrastive),
+                                         ("multi-similarity", direct_multi_similarity)])
+def test_a_single_tuple_still_counts(name, direct, negatives):
+    # PML returns a zero loss, with no gradient, when every index list holds at most one pair.
+    a = unit(1, D, seed=30)
+    positive = unit(1, D, seed=31)  # far from the anchor
+    negative = F.normalize(a + 0.2 * unit(1, D, seed=32), dim=1)  # close to it: inside the margin
+    refs = torch.stack([positive, negative][:1 + negatives], dim=1)  # 1 x (1 + negatives) x D
+    anchors, want_anchors = a.clone().requires_grad_(), a.clone().requires_grad_()
+    got = make_loss(name)(anchors, a, refs=refs)
+    want = direct(want_anchors, refs)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10) and want.item() > 0.1
+    got.backward()
+    want.backward()
+    assert torch.allclose(anchors.grad, want_anchors.grad, rtol=1e-8) and anchors.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the functions, with their options
+def test_contrastive_margins_and_mean(tuples):
+    a, refs, _ = tuples
+    for margin in (0.7, 1.2, 1.9):
+        assert torch.allclose(contrastive(a, refs, margin=margin), direct_contrastive(a, refs, margin))
+    assert torch.allclose(contrastive(a, refs, reduction="mean"), direct_contrastive(a, refs) / B)
+    assert torch.allclose(contrastive_plus(a, refs, tuples[2], margin=1.2),
+                          direct_contrastive_plus(a, refs, tuples[2], 1.2))
+    assert torch.allclose(make_loss("contrastive", margin=1.2, reduction="mean")(a, tuples[2], refs=refs),
+                          direct_contrastive(a, refs, 1.2) / B)
+
+
+def test_triplet_margins(tuples):
+    a, refs, _ = tuples
+    for margin in (0.1, 0.5):
+        assert torch.allclose(triplet(a, refs, margin=margin), direct_triplet(a, refs, margin))
+
+
+def test_multi_similarity_options(tuples):
+    a, refs, _ = tuples
+    assert torch.allclose(multi_similarity(a, refs, lam=0.3, alpha=1.0, beta=10.0),
+                          direct_multi_similarity(a, refs, 0.3, 1.0, 10.0))
+
+
+def test_rkd_across_dimensions_and_smooth_l1_branches():
+    s, t = unit(7, 6, seed=4), unit(7, 10, seed=5)  # student and teacher dimensions may differ
+    assert rkd(s, t).item() == pytest.approx(direct_rkd(s, t).item(), rel=1e-10)
+    # A large scale difference puts distance residuals on the linear branch of Smooth-L1.
+    s_far = torch.cat([s[:6], 20 * s[6:]])
+    assert rkd(s_far, t).item() == pytest.approx(direct_rkd(s_far, t).item(), rel=1e-10)
+
+
 @pytest.mark.parametrize("alpha,beta,list_len", [(3.0, 3.0, 4), (1.0, 2.0, None), (3.0, 3.0, 1)])
-def test_darkrank_formula(alpha, beta, list_len):
+def test_darkrank_options(alpha, beta, list_len):
     s, t = unit(8, 6, seed=6), unit(8, 12, seed=7)
     length = 7 if list_len is None else list_len
-    want = direct_darkrank(s, t, alpha, beta, length)
+    want = direct_darkrank(s, t, alpha, beta, length).item()
     assert darkrank(s, t, alpha=alpha, beta=beta, list_len=list_len).item() == pytest.approx(want, rel=1e-10)
 
 
-def test_csd_formula():
-    n, k = 5, 6
-    s, t, r = unit(n, D, seed=8), unit(n, D, seed=9), unit(n, k, D, seed=10)
-    total = 0.0
-    for i in range(n):
-        ctx = [t[i]] + [r[i, j] for j in range(k)]
-        pt = torch.softmax(torch.stack([t[i].dot(c) for c in ctx]) / 0.01, 0)
-        ps = torch.softmax(torch.stack([s[i].dot(c) for c in ctx]) / 1.0, 0)
-        total += (pt * (pt.log() - ps.log())).sum().item()
-    assert csd(s, t, r).item() == pytest.approx(total / n, rel=1e-10)
-
-
-# ---------------------------------------------------------------- gradients
-@pytest.mark.parametrize("name", sorted(TUPLE_LOSSES))
-def test_tuple_losses_gradients_asymmetric_and_symmetric(name, tuples):
-    a, refs, t = (x.float() for x in tuples)
-    extra = (t,) if name == "contrastive+" else ()
-    # Asymmetric: the teacher tensors are constants; only the student anchor gets a gradient.
-    anchors = a.clone().requires_grad_()
-    LOSSES[name](anchors, refs, *extra).backward()
-    assert anchors.grad is not None and torch.isfinite(anchors.grad).all() and anchors.grad.abs().sum() > 0
-    assert not refs.requires_grad and refs.grad is None
-    # Symmetric: the references come from the student too and receive gradients.
-    anchors, student_refs = a.clone().requires_grad_(), refs.clone().requires_grad_()
-    LOSSES[name](anchors, student_refs, *extra).backward()
-    assert student_refs.grad is not None and torch.isfinite(student_refs.grad).all()
-    assert student_refs.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("name", ["regression", "rkd", "darkrank", "csd"])
-def test_transfer_losses_train_the_student_only(name):
-    s = unit(6, D, seed=11, dtype=torch.float32).requires_grad_()
-    t = unit(6, D, seed=12, dtype=torch.float32).requires_grad_()
-    extra = (unit(6, 3, D, seed=13, dtype=torch.float32),) if name == "csd" else ()
-    LOSSES[name](s, t, *extra).backward()
-    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
-    assert t.grad is None  # the teacher is a target, detached inside the loss
+def test_csd_temperatures():
+    s, t, r = unit(5, D, seed=8), unit(5, D, seed=9), unit(5, 6, D, seed=10)
+    want = direct_csd(s, t, r, 0.05, 0.5).item()
+    assert csd(s, t, r, tau_teacher=0.05, tau_student=0.5).item() == pytest.approx(want, rel=1e-10)
 
 
 # ---------------------------------------------------------------- zero-loss cases
@@ -206,6 +267,32 @@ def test_tuple_losses_use_exactly_the_tuple_pairs():
     assert want == pytest.approx((0.5 * (1.9 - d[:, 1:]) ** 2).sum().item())  # B + B*K pairs only
 
 
+# ---------------------------------------------------------------- what the trainer reads, and bad input
+def test_declared_needs_follow_the_options():
+    assert make_loss("csd", csd_k=7).needs_neighbours == 7
+    assert make_loss("darkrank").min_images == 5  # a list of 4 others per image
+    assert LOSSES["darkrank"](list_len=None).min_images == 2  # all others: any two images
+    summed = {name for name in LOSSES if make_loss(name).reduction == "sum"}
+    assert summed == {name for name in LOSSES if make_loss(name).needs_tuples}
+    assert make_loss("contrastive", reduction="mean").reduction == "mean"
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("nope", {}, "unknown loss 'nope'"),
+    ("regression", {"margin": 0.5}, "regression takes no margin"),
+    ("multi-similarity", {"margin": 0.5}, "multi-similarity takes no margin"),
+    ("contrastive", {"csd_k": 4}, "contrastive takes no csd_k"),
+    ("contrastive", {"margin": math.nan}, "--margin must be a finite number >= 0, got nan"),
+    ("triplet", {"margin": -0.1}, "--margin must be a finite number >= 0, got -0.1"),
+    ("contrastive+", {"margin": math.inf}, "--margin must be a finite number >= 0, got inf"),
+    ("csd", {"csd_k": 0}, "--csd-k must be an integer >= 1, got 0"),
+    ("contrastive", {"reduction": "max"}, "--reduction must be one of sum, mean"),
+])
+def test_bad_loss_options_are_refused(name, options, message):
+    with pytest.raises(EngineError, match=message.replace("+", r"\+")):
+        make_loss(name, **options)
+
+
 def test_bad_shapes_are_reported(tuples):
     a, refs, t = tuples
     with pytest.raises(EngineError, match="does not match anchors"):
@@ -216,3 +303,7 @@ def test_bad_shapes_are_reported(tuples):
         regression(a, t[:2])
     with pytest.raises(EngineError, match="list_len"):
         darkrank(a, t, list_len=B)
+    with pytest.raises(EngineError, match="needs refs"):
+        make_loss("triplet")(a, t)
+    with pytest.raises(EngineError, match="every tuple needs a negative"):
+        triplet(a, refs[:, :1])

@@ -1,30 +1,36 @@
-"""Training losses, as functions: each returns a 0-dim tensor.
+"""Training losses: formulas as functions, and one interface the trainer calls for every loss.
 
-Calling convention (every entry of `LOSSES`): `loss(student, teacher, *extra, **options)`.
+The interface (`Loss`, built by `make_loss(name, **options)`), modelled on pytorch-metric-learning's
+`forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)`:
 
-Tuple losses ("contrastive", "contrastive+", "triplet", "multi-similarity") take a batch of
-B tuples (q_i, p_i, n_i1..n_iK) as
-    anchors: B x D         s(q_i), from the student;
-    refs:    B x (1+K) x D  p_i then n_i1..n_iK: stored teacher vectors t(.) in the asymmetric
-                            form, student vectors s(.) in the symmetric form;
-    anchor_teacher: B x D   t(q_i), contrastive+ only.
-Anchor i meets only its own positive and its own negatives. They are summed over the pairs of
-a tuple and over the tuples of the batch, as the cirtorch / AML reference code does (it runs
-backward once per tuple, so gradients add up); `reduction="mean"` divides by B instead.
+    loss(student, teacher, refs=None, neighbours=None) -> 0-dim tensor
 
-Knowledge-transfer losses ("regression", "rkd", "darkrank", "csd") take rows of the same N
-images: student N x D, teacher N x D' (D' = D for regression and CSD); CSD also takes the
-teacher vectors of each image's teacher top-K neighbours, N x K x D. No labels. The teacher
-side is a fixed target: it is detached.
+    student:    N x D         s(x): the student vectors of the batch's anchor images (every image of
+                              the batch for a knowledge-transfer loss, the tuples' queries for a tuple loss)
+    teacher:    N x D'        t(x): the stored teacher vectors of the same images (a fixed target: detached)
+    refs:       N x (1+K) x D tuple losses: each anchor's positive, then its K negatives; teacher
+                              vectors in the asymmetric form, student vectors in the symmetric form.
+                              The layout is the tuple structure: anchor i meets only row i.
+    neighbours: N x K x D     the teacher vectors of each image's teacher top-K neighbours (CSD's context)
 
-The pair and tuple losses are pytorch-metric-learning's, called with `ref_emb` and an explicit
-`indices_tuple` and no labels, so PML never derives pairs from labels (it would drop the
-pair (i, i) only when `ref_labels is labels`, and otherwise pair every anchor with every
-reference of the same label).
+Each loss declares what it needs (`needs_tuples`, `needs_neighbours`, `symmetric_form`, `min_images`,
+`reduction`); the trainer and its data pipeline read these and never branch on a loss's name, so a new
+loss is one class here and one entry in `LOSSES`.
+
+Tuple losses ("contrastive", "contrastive+", "triplet", "multi-similarity") are summed over the pairs of
+a tuple and over the tuples of the batch, as the cirtorch / AML reference code does (it runs backward
+once per tuple, so gradients add up); `reduction="mean"` divides by the number of tuples instead.
+They are pytorch-metric-learning's losses, called with `ref_emb` and an explicit `indices_tuple` and no
+labels, so PML never derives pairs from labels (it would drop the pair (i, i) only when `ref_labels is
+labels`, and otherwise pair every anchor with every reference of the same label).
+
+Knowledge-transfer losses ("regression", "rkd", "darkrank", "csd") take rows of the same images,
+no labels, and are written here: PML has no form of them.
 """
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +39,16 @@ from pytorch_metric_learning import distances, losses as pml_losses, reducers
 from engine.errors import EngineError
 from kernels import l2n
 
+from .options import is_count, is_finite, require, require_choice
+
 __all__ = [
     "LOSSES",
-    "TUPLE_LOSSES",
+    "Loss",
     "contrastive",
     "contrastive_plus",
     "csd",
     "darkrank",
+    "make_loss",
     "multi_similarity",
     "regression",
     "rkd",
@@ -77,12 +86,26 @@ def _reduce(total: torch.Tensor, B: int, reduction: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- pair and tuple losses
-class _HalfSquaredContrastive(pml_losses.ContrastiveLoss):
+class _ExplicitPairs:
+    """PML's pair losses return zero, with no gradient, when every index list holds at most one
+    pair: a guard for label-derived batches with nothing to compare. Here the pairs are always
+    given, and one tuple with at most one negative (a small batch, or one torchrun process's share
+    of it) is such a list: it must still count."""
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return self.loss_method(self.distance(embeddings, ref_emb), indices_tuple)
+
+
+class _HalfSquaredContrastive(_ExplicitPairs, pml_losses.ContrastiveLoss):
     """PML's contrastive loss with the cirtorch per-pair terms: 1/2 d^2 for a positive
     (pos_margin 0), 1/2 max(0, m - d)^2 for a negative. PML's own terms are unsquared hinges."""
 
     def get_per_pair_loss(self, pair_dists, pos_or_neg):
         return 0.5 * super().get_per_pair_loss(pair_dists, pos_or_neg) ** 2
+
+
+class _MultiSimilarity(_ExplicitPairs, pml_losses.MultiSimilarityLoss):
+    """PML's multi-similarity loss, counted for a single pair too."""
 
 
 def _euclidean(power: int = 1) -> distances.LpDistance:
@@ -124,7 +147,7 @@ def contrastive_plus(anchors: torch.Tensor, refs: torch.Tensor, anchor_teacher: 
                           f"anchors {tuple(anchors.shape)}")
     pos_a, pos_r, neg_a, neg_r = _tuple_pairs(B, R, anchors.device)
     # t(q_i) is appended after the B*R reference rows, at row B*R + i.
-    ref_emb = torch.cat([refs.reshape(B * R, D), anchor_teacher])
+    ref_emb = torch.cat([refs.reshape(B * R, D), anchor_teacher.detach()])  # t(q_i): a fixed target
     pairs = (torch.cat([pos_a, pos_a]), torch.cat([pos_r, B * R + pos_a]), neg_a, neg_r)
     return _reduce(_pml_contrastive(anchors, ref_emb, pairs, margin), B, reduction)
 
@@ -137,6 +160,8 @@ def triplet(anchors: torch.Tensor, refs: torch.Tensor, margin: float = 0.1,
     Returns a 0-dim tensor (reduction as in `contrastive`).
     """
     B, R, D = _check_tuples(anchors, refs)
+    if R < 2:
+        raise EngineError(f"triplet: every tuple needs a negative, got refs {tuple(refs.shape)}")
     _, pos_r, neg_a, neg_r = _tuple_pairs(B, R, anchors.device)
     loss = pml_losses.TripletMarginLoss(margin=margin, distance=_euclidean(power=2),
                                         reducer=reducers.SumReducer())
@@ -154,10 +179,9 @@ def multi_similarity(anchors: torch.Tensor, refs: torch.Tensor, lam: float = 0.5
     """
     B, R, D = _check_tuples(anchors, refs)
     pairs = _tuple_pairs(B, R, anchors.device)
-    loss = pml_losses.MultiSimilarityLoss(
-        alpha=alpha, beta=beta, base=lam,
-        distance=distances.DotProductSimilarity(normalize_embeddings=False),
-        reducer=reducers.SumReducer())
+    loss = _MultiSimilarity(alpha=alpha, beta=beta, base=lam,
+                            distance=distances.DotProductSimilarity(normalize_embeddings=False),
+                            reducer=reducers.SumReducer())
     return _reduce(loss(anchors, indices_tuple=pairs, ref_emb=refs.reshape(B * R, D)), B, reduction)
 
 
@@ -255,16 +279,160 @@ def csd(student: torch.Tensor, teacher: torch.Tensor, neighbours: torch.Tensor,
                     reduction="batchmean", log_target=True)
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "regression": regression,
-    "contrastive": contrastive,
-    "contrastive+": contrastive_plus,
-    "triplet": triplet,
-    "multi-similarity": multi_similarity,
-    "rkd": rkd,
-    "darkrank": darkrank,
-    "csd": csd,
-}
-# The losses that take (anchors, refs[, anchor_teacher]) tuples from mining; the rest take
-# (student, teacher[, neighbours]) rows of the same images.
-TUPLE_LOSSES = frozenset({"contrastive", "contrastive+", "triplet", "multi-similarity"})
+# ---------------------------------------------------------------- the interface
+class Loss:
+    """A training loss over one batch: `loss(student, teacher, refs=None, neighbours=None)` (see the
+    module docstring for the shapes) returns a 0-dim tensor. Options are set at construction.
+
+    What the trainer reads instead of the loss's name:
+      needs_tuples      the batch is mined tuples (query, positive, negatives), not random images
+      symmetric_form    refs may come from the student (--mode sym); False: the teacher is the reference
+      needs_neighbours  K > 0: pass the teacher vectors of each image's teacher top-K neighbours
+      min_images        smaller batches of images are skipped (relational losses compare images)
+      reduction         "sum" over the batch's tuples or "mean" over its images: under torchrun a
+                        process's share of a sum is scaled by the world size, a mean is not
+    """
+
+    name: ClassVar[str]
+    needs_tuples: ClassVar[bool] = False
+    symmetric_form: ClassVar[bool] = False
+    needs_neighbours: int = 0
+    # A knowledge-transfer batch of one image is skipped, as it always was: relational losses need two.
+    min_images: int = 2
+    reduction: str = "mean"
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, refs: torch.Tensor | None = None,
+                 neighbours: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class _TupleLoss(Loss):
+    """A loss over mined tuples: the anchor is `student`, its positive and negatives are `refs`."""
+
+    needs_tuples = True
+    symmetric_form = True
+    min_images = 1
+
+    def __init__(self, reduction: str = "sum"):
+        require_choice("reduction", reduction, ("sum", "mean"))
+        self.reduction = reduction
+
+    def __call__(self, student, teacher, refs=None, neighbours=None):
+        if refs is None:
+            raise EngineError(f"{self.name}: a tuple loss needs refs (each anchor's positive and negatives)")
+        return self.tuples(student, teacher, refs)
+
+    def tuples(self, anchors: torch.Tensor, anchor_teacher: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _MarginTupleLoss(_TupleLoss):
+    def __init__(self, margin: float, reduction: str):
+        super().__init__(reduction)
+        require("margin", margin, is_finite(margin) and margin >= 0, "a finite number >= 0")
+        self.margin = float(margin)
+
+
+class Contrastive(_MarginTupleLoss):
+    name = "contrastive"
+
+    def __init__(self, margin: float = 0.7, reduction: str = "sum"):
+        super().__init__(margin, reduction)
+
+    def tuples(self, anchors, anchor_teacher, refs):
+        return contrastive(anchors, refs, self.margin, self.reduction)
+
+
+class ContrastivePlus(_MarginTupleLoss):
+    name = "contrastive+"
+    symmetric_form = False  # its extra positive is the anchor's own teacher vector
+
+    def __init__(self, margin: float = 0.7, reduction: str = "sum"):
+        super().__init__(margin, reduction)
+
+    def tuples(self, anchors, anchor_teacher, refs):
+        return contrastive_plus(anchors, refs, anchor_teacher, self.margin, self.reduction)
+
+
+class Triplet(_MarginTupleLoss):
+    name = "triplet"
+
+    def __init__(self, margin: float = 0.1, reduction: str = "sum"):
+        super().__init__(margin, reduction)
+
+    def tuples(self, anchors, anchor_teacher, refs):
+        return triplet(anchors, refs, self.margin, self.reduction)
+
+
+class MultiSimilarity(_TupleLoss):
+    name = "multi-similarity"
+
+    def __init__(self, lam: float = 0.5, alpha: float = 2.0, beta: float = 40.0, reduction: str = "sum"):
+        super().__init__(reduction)
+        self.lam, self.alpha, self.beta = lam, alpha, beta
+
+    def tuples(self, anchors, anchor_teacher, refs):
+        return multi_similarity(anchors, refs, self.lam, self.alpha, self.beta, self.reduction)
+
+
+class Regression(Loss):
+    name = "regression"
+
+    def __call__(self, student, teacher, refs=None, neighbours=None):
+        return regression(student, teacher)
+
+
+class Rkd(Loss):
+    name = "rkd"
+
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0):
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    def __call__(self, student, teacher, refs=None, neighbours=None):
+        return rkd(student, teacher, self.distance_weight, self.angle_weight)
+
+
+class DarkRank(Loss):
+    name = "darkrank"
+
+    def __init__(self, alpha: float = 3.0, beta: float = 3.0, list_len: int | None = 4):
+        self.alpha, self.beta, self.list_len = alpha, beta, list_len
+        self.min_images = max(2, (list_len or 1) + 1)  # a list of list_len others per image
+
+    def __call__(self, student, teacher, refs=None, neighbours=None):
+        return darkrank(student, teacher, self.alpha, self.beta, self.list_len)
+
+
+class Csd(Loss):
+    name = "csd"
+
+    def __init__(self, csd_k: int = 96, tau_teacher: float = 0.01, tau_student: float = 1.0):
+        require("csd_k", csd_k, is_count(csd_k), "an integer >= 1")
+        self.needs_neighbours, self.tau_teacher, self.tau_student = csd_k, tau_teacher, tau_student
+
+    def __call__(self, student, teacher, refs=None, neighbours=None):
+        if neighbours is None:
+            raise EngineError("csd: needs the teacher vectors of each image's teacher neighbours")
+        return csd(student, teacher, neighbours, self.tau_teacher, self.tau_student)
+
+
+LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (
+    Regression, Contrastive, ContrastivePlus, Triplet, MultiSimilarity, Rkd, DarkRank, Csd)}
+
+
+def make_loss(name: str, **options) -> Loss:
+    """The loss registered as `name`, built with `options` (an option given as None keeps the loss's
+    default). An unknown name, an option the loss does not take, or a bad value is an EngineError."""
+    cls = LOSSES.get(name)
+    if cls is None:
+        raise EngineError(f"unknown loss {name!r}: expected one of {', '.join(LOSSES)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    takes = set(inspect.signature(cls).parameters)
+    foreign = sorted(set(given) - takes)
+    if foreign:
+        have = ", ".join(sorted(takes)) or "none"
+        raise EngineError(f"loss {name} takes no {', '.join(foreign)} (its options: {have})")
+    return cls(**given)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.errors import EngineError
 from engine.store import open_store
 
 from .data import load_train_data
@@ -25,11 +26,19 @@ def init_distributed() -> bool:
 def run_training(cfg: TrainConfig, out_dir: Path, teacher_store: Path, train_set: Path, images: Path | None = None,
                  val_gnd: Path | None = None, val_store: Path | None = None, init: Path | None = None,
                  progress: bool | None = None) -> dict:
-    """Train and return the last epoch's metrics (loss, images/s, validation mAPs)."""
+    """Train and return the last epoch's metrics (loss, images/s, validation mAPs).
+
+    The configuration is checked before any work: a bad value is one EngineError.
+    """
+    cfg.check()
+    if (val_gnd is None) != (val_store is None):
+        given, missing = ("--val-gnd", "--val-store") if val_store is None else ("--val-store", "--val-gnd")
+        raise EngineError(f"{given} needs {missing}: validation reads the ground truth and the teacher store of its "
+                          f"gallery", val_gnd or val_store)
     started = init_distributed()
     try:
         data = load_train_data(train_set, open_store(teacher_store), images)
-        val = load_val_set(val_gnd, val_store) if val_gnd is not None and val_store is not None else None
+        val = load_val_set(val_gnd, val_store) if val_gnd is not None else None
         return Trainer(cfg, data, out_dir, val, progress=progress, init=init).fit()
     finally:
         if started:

@@ -1,9 +1,9 @@
 """The training loop: a student learns to map images into a teacher's space (asymmetric) or its own (symmetric).
 
-Per epoch: knowledge-transfer losses (regression, RKD, DarkRank, CSD) draw random images;
-tuple losses (contrastive, contrastive+, triplet, multi-similarity) draw (query, positive)
-pairs, mine hard negatives from a pool (student queries against teacher pool vectors in
-asymmetric mode), and build tuples. Adam with the GeM p group at 10x lr and no weight decay,
+Per epoch, as the loss declares (`training.losses.Loss`; the trainer never looks at its name): a loss
+that does not need tuples (regression, RKD, DarkRank, CSD) gets batches of random images; a tuple loss
+(contrastive, contrastive+, triplet, multi-similarity) gets (query, positive) pairs with hard negatives
+mined from a pool (student queries against teacher pool vectors in asymmetric mode). Adam with the GeM p group at 10x lr and no weight decay,
 exponential lr decay, BatchNorm frozen. Validation each epoch (asymmetric and symmetric mAP),
 best-model selection, checkpoints after each epoch and resume. Under torchrun every process
 takes its share of each batch and the gradients are averaged with torch.distributed's all-reduce.
@@ -24,18 +24,19 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.errors import EngineError
-from kernels import l2n
-from engine.files import write_bytes
+from engine.files import write_text, written_by
 from engine.models import (TEACHERS, Encoder, build_student, build_teacher, load_checkpoint, registry_teacher_of, save_checkpoint,
                            space_id)
+from kernels import l2n
 
-from . import losses as L
 from .data import TrainData, batch_loader, forward_images
+from .losses import Loss, make_loss
 from .mining import mine_hard_negatives, nearest_neighbours, random_negatives
+from .options import is_count, is_finite, require, require_choice
 from .validate import ValSet, validate
 
-KT_LOSSES = {"regression", "rkd", "darkrank", "csd"}
 RESUMABLE_CHANGES = {"epochs", "workers", "val_every"}  # a resumed run may be extended, given other decoding workers or validated less often
+RUN_FILES = ("config.json", "last.safetensors", "best.safetensors", "log.jsonl", "last.state.pt")
 MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up to this size
 
 
@@ -59,7 +60,7 @@ class TrainConfig:
     pool_size: int = 20000
     neg_num: int = 5
     negatives: str = "hard"  # hard | random
-    csd_k: int = 96
+    csd_k: int | None = None  # CSD's teacher neighbours per image (None: the loss's default, 96)
     max_side: int = 362
     workers: int = 1
     seed: int = 0
@@ -69,18 +70,30 @@ class TrainConfig:
     center: bool = True  # targets: teacher vectors minus their training mean, re-normalised (see Trainer)
 
     def check(self) -> None:
-        if self.loss not in L.LOSSES:
-            raise EngineError(f"unknown loss {self.loss!r}: expected one of {', '.join(L.LOSSES)}")
-        if self.mode not in ("asym", "sym"):
-            raise EngineError(f"--mode must be asym or sym, got {self.mode!r}")
-        if self.mode == "sym" and self.loss in KT_LOSSES | {"contrastive+"}:
+        """Refuse values that cannot train (NaN, infinite, out of range, unknown), one EngineError each."""
+        for name in ("epochs", "batch_size", "images_per_epoch", "query_size", "pool_size", "neg_num", "max_side",
+                     "val_every"):
+            require(name, getattr(self, name), is_count(getattr(self, name)), "an integer >= 1")
+        for name in ("workers", "seed"):
+            require(name, getattr(self, name), is_count(getattr(self, name), least=0), "an integer >= 0")
+        require("lr", self.lr, is_finite(self.lr) and self.lr > 0, "a finite number > 0")
+        require("p_lr_mult", self.p_lr_mult, is_finite(self.p_lr_mult) and self.p_lr_mult > 0, "a finite number > 0")
+        require("lr_decay", self.lr_decay, is_finite(self.lr_decay) and self.lr_decay >= 0, "a finite number >= 0")
+        require("weight_decay", self.weight_decay, is_finite(self.weight_decay) and self.weight_decay >= 0,
+                "a finite number >= 0")
+        require_choice("mode", self.mode, ("asym", "sym"))
+        require_choice("negatives", self.negatives, ("hard", "random"))
+        require_choice("freeze", self.freeze, ("bn", "trunk"))
+        require_choice("select", self.select, ("auto", "asym", "sym"))
+        loss = self.build_loss()
+        if self.mode == "sym" and not loss.symmetric_form:
             raise EngineError(f"{self.loss} transfers the teacher's knowledge: it has no symmetric form (use --mode asym)")
         if self.student in TEACHERS and self.mode != "sym":
             raise EngineError(f"{self.student} is a teacher: fine-tuning a teacher is symmetric (--mode sym)")
-        if self.freeze not in ("bn", "trunk"):
-            raise EngineError(f"--freeze must be bn or trunk, got {self.freeze!r}")
-        if self.negatives not in ("hard", "random"):
-            raise EngineError(f"--negatives must be hard or random, got {self.negatives!r}")
+
+    def build_loss(self) -> Loss:
+        """The configured loss with its options (an unknown loss or an option it does not take is an EngineError)."""
+        return make_loss(self.loss, margin=self.margin, csd_k=self.csd_k)
 
 
 def _world() -> tuple[int, int]:
@@ -113,6 +126,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: TrainData, out_dir: str | Path, val: ValSet | None = None,
                  progress: bool | None = None, init: str | Path | None = None):
         cfg.check()
+        self.loss = cfg.build_loss()
         if cfg.center:
             # The teacher's vectors share a large mean m (ReLU features): it adds m . g to gallery image g's
             # score for every query alike, nothing query-specific, yet it would dominate a regression loss.
@@ -124,6 +138,9 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:  # temporary files of a writer that was killed: never part of the run
+                for tmp in self.out.glob(f"{name}*.tmp"):
+                    tmp.unlink()
         torch.manual_seed(cfg.seed)
         if init is not None:
             self.student = load_checkpoint(init)
@@ -149,25 +166,39 @@ class Trainer:
         self._resume()
 
     # ------------------------------------------------------------ checkpoints and resume
+    #
+    # The run's state after each epoch (weights, optimiser, schedule, RNG, best score, log) is one file,
+    # last.state.pt, written into place last: it is the commit point. last.safetensors, best.safetensors and
+    # log.jsonl are written before it, from the same state; a run killed at any point resumes from the last
+    # committed epoch and redoes the epoch after it exactly as an uninterrupted run would, rewriting them.
 
     def _state_path(self) -> Path:
         return self.out / "last.state.pt"
 
     def _resume(self) -> None:
-        last, state = self.out / "last.safetensors", self._state_path()
-        if not (last.exists() and state.exists()):
+        state = self._state_path()
+        self.log: list[dict] = []
+        if not state.exists():
             return
-        saved = json.loads((self.out / "config.json").read_text())
+        config = self.out / "config.json"
+        try:
+            saved = json.loads(config.read_text())
+        except (OSError, ValueError) as e:
+            raise EngineError(f"cannot read the run's configuration ({e}): choose another --out", config) from None
         now = asdict(self.cfg)
         diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if diff:
             raise EngineError(f"holds a run with another configuration ({', '.join(diff)}): choose another --out", self.out)
-        resumed = load_checkpoint(last)
-        self.student.load_state_dict(resumed.state_dict())
-        st = torch.load(state, map_location="cpu", weights_only=True)
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        self.epoch, self.best = int(st["epoch"]), float(st["best"])
+        try:
+            st = torch.load(state, map_location="cpu", weights_only=True)
+            self.student.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+            torch.set_rng_state(st["rng"])
+            self.epoch, self.best, self.log = int(st["epoch"]), float(st["best"]), list(st["log"])
+        except Exception as e:  # a damaged or foreign file: the user's to move away, not an engine bug
+            raise EngineError(f"not a training state this engine can resume ({type(e).__name__}: {e})".splitlines()[0],
+                              state) from None
 
     def _checkpoint(self, path: Path, extra: dict) -> None:
         if self.student.config["role"] == "teacher":
@@ -177,27 +208,27 @@ class Trainer:
     def _save(self, metrics: dict) -> None:
         if self.rank != 0:
             return
-        write_bytes(self.out / "config.json", json.dumps(asdict(self.cfg), indent=1).encode())
-        extra = {"epoch": self.epoch, "metrics": metrics}
-        self._checkpoint(self.out / "last.safetensors", extra)
-        tmp = self._state_path().with_suffix(".tmp")
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
-                    "best": self.best}, tmp)
-        tmp.replace(self._state_path())
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": self.epoch, **metrics}) + "\n")
+        write_text(self.out / "config.json", json.dumps(asdict(self.cfg), indent=1))
+        self._checkpoint(self.out / "last.safetensors", {"epoch": self.epoch, "metrics": metrics})
+        self.log.append({"epoch": self.epoch, **metrics})
+        write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.log))
+        state = {"model": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state(), "epoch": self.epoch,
+                 "best": self.best, "log": self.log}
+        with written_by(self._state_path()) as tmp:
+            torch.save(state, tmp)
 
     # ------------------------------------------------------------ one epoch
 
     def _epoch_plan(self, rng: np.random.Generator) -> tuple[list[list[int]], dict]:
         """The epoch's batches as lists of image indices to decode, plus what each batch's loss needs."""
         cfg, d = self.cfg, self.data
-        if cfg.loss in KT_LOSSES:
+        if not self.loss.needs_tuples:
             n = min(cfg.images_per_epoch, len(d.paths))
             order = rng.permutation(len(d.paths))[:n]
-            size = max(2, cfg.batch_size * 4)  # relational losses need several images at once
+            size = max(self.loss.min_images, cfg.batch_size * 4)  # relational losses need several images at once
             batches = [order[i:i + size].tolist() for i in range(0, n, size)]
-            return [b for b in batches if len(b) >= 2], {}
+            return [b for b in batches if len(b) >= self.loss.min_images], {}
         if len(d.qidxs) == 0:
             raise EngineError("the training set has no (query, positive) pairs for a tuple loss")
         pick = rng.permutation(len(d.qidxs))[:cfg.query_size]
@@ -224,25 +255,22 @@ class Trainer:
         return torch.cat(out).numpy() if out else np.zeros((0, self.data.dim), np.float32)
 
     def _batch_loss(self, images: list[torch.Tensor], idx: list[int], plan: dict) -> torch.Tensor:
-        cfg, d = self.cfg, self.data
+        """The loss of one batch: `idx` are its image indices (whole tuples, flattened, for a tuple loss)."""
+        d, loss = self.data, self.loss
         t = torch.from_numpy(d.teacher[idx])
-        if cfg.loss in KT_LOSSES:
+        if not loss.needs_tuples:
             s = forward_images(self._forward, images)
-            if cfg.loss == "csd":
-                return L.csd(s, t, torch.from_numpy(d.teacher[self._teacher_neighbours()[idx]]))
-            return L.LOSSES[cfg.loss](s, t)
+            nb = torch.from_numpy(d.teacher[self._teacher_neighbours()[idx]]) if loss.needs_neighbours else None
+            return loss(s, t, neighbours=nb)
         R = plan["tuple_len"]
-        B = len(idx) // R
-        kwargs = {} if cfg.margin is None else {"margin": cfg.margin}
-        if cfg.mode == "asym":
+        t = t.view(len(idx) // R, R, -1)
+        if self.cfg.mode == "asym":
             anchors = forward_images(self._forward, images)  # only the queries were decoded
-            refs = t.view(B, R, -1)[:, 1:]
+            refs = t[:, 1:]
         else:
-            s = forward_images(self._forward, images).view(B, R, -1)
+            s = forward_images(self._forward, images).view(t.shape[0], R, -1)
             anchors, refs = s[:, 0], s[:, 1:]
-        if cfg.loss == "contrastive+":
-            return L.contrastive_plus(anchors, refs, t.view(B, R, -1)[:, 0], **kwargs)
-        return L.LOSSES[cfg.loss](anchors, refs, **kwargs)
+        return loss(anchors, t[:, 0], refs=refs)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Student descriptors from images, or from cached trunk maps when the trunk is frozen."""
@@ -277,12 +305,13 @@ class Trainer:
         """Each training image's teacher top-K neighbours (CSD's context): fixed, so computed once."""
         if getattr(self, "_nn", None) is None:
             n = len(self.data.teacher)
-            self._nn = nearest_neighbours(self.data.teacher, self.data.teacher, min(self.cfg.csd_k, n - 1), exclude=np.arange(n))
+            k = min(self.loss.needs_neighbours, n - 1)
+            self._nn = nearest_neighbours(self.data.teacher, self.data.teacher, k, exclude=np.arange(n))
         return self._nn
 
     def _images_for(self, batch: list[int], plan: dict) -> list[int]:
         """The images this batch decodes: in asymmetric tuple mode only the queries go through the student."""
-        if self.cfg.loss in KT_LOSSES or self.cfg.mode == "sym":
+        if not self.loss.needs_tuples or self.cfg.mode == "sym":
             return batch
         return batch[:: plan["tuple_len"]]
 
@@ -333,9 +362,9 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise EngineError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (images {idx[:4]}...); "
                                       f"the last good checkpoint is {self.out / 'last.safetensors'}")
-                # Tuple losses sum over the batch: each process holds part of the sum, and DDP averages
-                # gradients, so scaling by the world size gives the full batch's gradient and loss.
-                if self.world > 1 and cfg.loss not in KT_LOSSES:
+                # A summed loss: each process holds part of the sum, and the gradients are averaged,
+                # so scaling by the world size gives the full batch's gradient and loss.
+                if self.world > 1 and self.loss.reduction == "sum":
                     loss = loss * self.world
                 self.opt.zero_grad(set_to_none=False)
                 loss.backward()

@@ -1,6 +1,7 @@
 """Validation during training: the student's asymmetric and symmetric mAP on a held-out benchmark."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +35,17 @@ def load_val_set(gnd_path: str | Path, teacher_store: str | Path, images_dir: st
 
 
 def validate(student: Encoder, val: ValSet, max_side: int, workers: int = 0) -> dict:
-    """{"val_asym_mAP", "val_sym_mAP", "val_asym_hard", "val_sym_hard"}: Medium (and Hard) mAP in percent."""
-    was_training = student.training
-    student.eval()
+    """{"val_asym_mAP", "val_sym_mAP", "val_asym_hard", "val_sym_hard"}: Medium (and Hard) mAP in percent.
+
+    The student is left as it was: a runner may convert the model it is given (eval mode, channels-last
+    weights), which would change the numerics of the training that follows, so it encodes a copy.
+    """
+    frozen = copy.deepcopy(student).eval()
     # eager torch: an exported runner would be rebuilt for every epoch's new weights
     opts = EncodeOptions(max_side=max_side, workers=workers, progress=False, backend="torch")
-    q, _, _ = encode_to_array(student, revisited.query_items(val.gnd, val.images_dir), opts)
-    g, _, _ = encode_to_array(student, revisited.gallery_items(val.gnd, val.images_dir), opts)
+    q, _, _ = encode_to_array(frozen, revisited.query_items(val.gnd, val.images_dir), opts)
+    g, _, _ = encode_to_array(frozen, revisited.gallery_items(val.gnd, val.images_dir), opts)
     asym = evaluate_revisited(rank_by_similarity(q, val.teacher_gallery), val.gnd["gnd"])
     sym = evaluate_revisited(rank_by_similarity(q, g), val.gnd["gnd"])
-    student.train(was_training)
     return {"val_asym_mAP": asym["medium"]["mAP"], "val_sym_mAP": sym["medium"]["mAP"],
             "val_asym_hard": asym["hard"]["mAP"], "val_sym_hard": sym["hard"]["mAP"]}
