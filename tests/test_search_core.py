@@ -162,7 +162,7 @@ def test_unrescored_recall_bounds():
 
 def test_bad_arguments():
     q, g = data(10, 4, 2)
-    with pytest.raises(ValueError, match="stored as"):
+    with pytest.raises(ValueError, match="bfloat16 gallery .* must be uint16"):
         _search.search_shard(q, g, "bfloat16", 3)
     with pytest.raises(ValueError, match="scale"):
         _search.search_shard(q, quantize.encode(g, "int8")[0], "int8", 3)
