@@ -68,8 +68,11 @@ Prepared<typename K::Qt> prepare(const ScanJob& j, bool pack) {
     typename K::Qt* o = p.q.data() + i * p.dp;
     if constexpr (K::kKind == Dtype::int8) {
       float amax = 0.f;
-      for (int64_t c = 0; c < j.d; ++c) amax = std::max(amax, std::fabs(x[c]));
-      const float s = amax > 0.f ? amax / 127.0f : 1.0f;
+      bool finite = true;
+      for (int64_t c = 0; c < j.d; ++c) amax = std::max(amax, std::fabs(x[c])), finite &= std::isfinite(x[c]);
+      // A query holding NaN or inf has no int8 form: its scale NaN makes every score NaN, as a float scan's
+      // NaN query does (std::max alone would drop the NaN and quantize it to a finite query).
+      const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax > 0.f ? amax / 127.0f : 1.0f;
       int32_t total = 0;
       for (int64_t c = 0; c < j.d; ++c) {
         const int v = static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint(x[c] / s))));
