@@ -47,6 +47,7 @@ def build(folder: Path, *options: str) -> Path:
         out = subprocess.run(command, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (so,) = folder.glob("_search*.so")
+    assert b"libasan.so" in so.read_bytes() and b"libubsan.so" in so.read_bytes()  # the sanitizers are linked in
     return so
 
 
