@@ -39,8 +39,8 @@ struct KScalar : KernelDefaults {
   static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
 // The packed float32 kernel's lane vector: four floats (GCC vector extension: SSE2 on any x86-64, NEON or plain
-// code elsewhere), each lane
-// summing exactly as the scalar tile does (q * g rounded, then added: no FMA at this tier).
+// code elsewhere), each lane summing exactly as the scalar tile does (q * g rounded, then added: no FMA at this
+// tier, which CMakeLists.txt builds with -ffp-contract=off where the baseline has FMA).
 struct PF32 {
   static constexpr int L = 4, M = 4, J = 2;
   typedef float V __attribute__((vector_size(16)));

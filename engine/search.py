@@ -201,7 +201,8 @@ def _torch_shard(q: np.ndarray, view: ShardView, k: int, threads: int, device: s
     if threads:
         torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False
-    def top(qb):  # NaN ranks last (torch.topk puts it first): selected as -inf
+
+    def top(qb):  # torch.topk ranks NaN first: selected as -inf instead (infinities kept as they are)
         s = torch.from_numpy(qb).to(dev) @ x.T
         return torch.topk(torch.nan_to_num(s, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf), k, dim=1)
 
