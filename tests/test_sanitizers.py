@@ -80,7 +80,9 @@ def run_sanitized(so: Path, *args: str) -> subprocess.CompletedProcess:
         PYTHONPATH=str(ROOT),
     )
     if args != ("--isa-levels",):
-        args = ("-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider", *args)
+        # --capture=sys: a sanitizer's report goes to file descriptor 2 and ends the process, so pytest must
+        # not hold that descriptor
+        args = ("-q", "-x", "--capture=sys", "-p", "no:randomly", "-p", "no:cacheprovider", *args)
     command = [sys.executable, "-c", RUNNER, str(so), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
