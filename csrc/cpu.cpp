@@ -11,7 +11,7 @@ const char* isa_name(Isa isa) {
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> out{Isa::scalar};
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef AML_X86_TIERS  // set by CMakeLists.txt on x86-64, where the tiers' translation units are built
   __builtin_cpu_init();
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) return out;
   out.push_back(Isa::avx2);

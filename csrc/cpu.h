@@ -1,4 +1,4 @@
-// Instruction-set tiers, detected at run time so one binary serves every x86-64.
+// Instruction-set tiers, detected at run time so one binary serves every x86-64 (elsewhere: scalar only).
 #pragma once
 #include <string>
 #include <vector>

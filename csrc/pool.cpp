@@ -5,9 +5,12 @@
 namespace aml {
 
 Pool& Pool::get() {
-  // Leaked on purpose: idle workers must not be joined during interpreter shutdown.
+  // Leaked on purpose: idle workers must not be joined during interpreter shutdown. Searches from several
+  // Python threads (the GIL is released) reach here at once: the check and the swap happen under a lock.
+  static std::mutex mu;
   static Pool* pool = nullptr;
   static pid_t owner = 0;
+  std::lock_guard<std::mutex> lock(mu);
   if (pool == nullptr || owner != getpid()) {
     pool = new Pool();
     owner = getpid();

@@ -1,4 +1,5 @@
 // AVX2 + FMA + F16C tier: 8 floats per step; int8 widened to int16 pairs (vpmaddwd, exact).
+// Built with -mavx2 -mfma -mf16c (CMakeLists.txt); run only when cpu.cpp finds all three.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -10,11 +11,15 @@
 #include "pool.h"
 #include "scan.h"
 
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#error "scan_avx2.cpp must be built with -mavx2 -mfma -mf16c"
+#endif
+
 namespace aml::avx2 {
 
-#define AML_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AML_TIER avx2
 #define AML_INLINE __attribute__((always_inline)) inline
-#define AML_FN AML_TARGET AML_INLINE static
+#define AML_FN AML_INLINE static
 
 // Tails go through a zeroed stack buffer: AVX2 has no byte- or word-masked loads.
 template <class G, int W>
@@ -48,13 +53,10 @@ struct PF32 {
   }
 };
 
-struct KF32 {
+struct KF32 : KernelDefaults {
   static constexpr Dtype kKind = Dtype::float32;
   static constexpr int W = 8;
-  static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 2;  // 16 ymm registers: 4 x 2 accumulators leave room for loads
-  static constexpr bool kSumTile = false;
-  static constexpr bool kPacks = false;
   static constexpr bool kPackF32 = true;
   using G = float; using Qt = float; using V = __m256; using QV = __m256; using GV = __m256; using Acc = float;
   AML_FN V zero() { return _mm256_setzero_ps(); }
@@ -84,14 +86,10 @@ struct KBF16 : KF32 {
   AML_FN GV lg_tail(const G* p, int n) { alignas(32) G b[W]; tail_copy<G, W>(b, p, n); return lg(b); }
 };
 
-struct KI8 {
+struct KI8 : KernelDefaults {
   static constexpr Dtype kKind = Dtype::int8;
   static constexpr int W = 16;
-  static constexpr int32_t kXorBias = 0;
   static constexpr int kRows = 2;  // 16 ymm registers: 4 x 2 accumulators leave room for loads
-  static constexpr bool kSumTile = false;
-  static constexpr bool kPacks = false;
-  static constexpr bool kPackF32 = false;
   using G = int8_t; using Qt = int16_t; using V = __m256i; using QV = __m256i; using GV = __m256i; using Acc = int32_t;
   AML_FN V zero() { return _mm256_setzero_si256(); }
   AML_FN QV lq(const Qt* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -107,7 +105,7 @@ struct KI8 {
   static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
 
-#include "scan_body.h"
-#include "packed_f32.h"
+#include "scan-inl.h"
+#include "packed_f32-inl.h"
 
 }  // namespace aml::avx2

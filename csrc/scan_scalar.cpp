@@ -1,4 +1,5 @@
-// Portable tier: plain C++, one element per step; the reference the SIMD tiers must agree with.
+// Portable tier: plain C++, one element per step; the reference the SIMD tiers must agree with. Built with the
+// baseline flags only, on any architecture.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -10,17 +11,13 @@
 
 namespace aml::scalar {
 
-#define AML_TARGET
+#define AML_TIER scalar
 #define AML_INLINE inline
 
 template <Dtype D, class G_, class Qt_, class V_>
-struct KScalar {
+struct KScalar : KernelDefaults {
   static constexpr Dtype kKind = D;
   static constexpr int W = 1;
-  static constexpr int32_t kXorBias = 0;
-  static constexpr int kRows = 4;
-  static constexpr bool kSumTile = false;
-  static constexpr bool kPacks = false;
   static constexpr bool kPackF32 = D != Dtype::int8;
   using G = G_;
   using Qt = Qt_;
@@ -41,8 +38,9 @@ struct KScalar {
   static Acc sum(V a) { return a; }
   static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
-// The packed float32 kernel's lane vector: four floats (GCC vector extension, SSE2 on any x86-64), each lane
-// summing exactly as the scalar tile does (q * g rounded, then added: no FMA at this tier).
+// The packed float32 kernel's lane vector: four floats (GCC vector extension: SSE2 on any x86-64, NEON or plain
+// code elsewhere), each lane summing exactly as the scalar tile does (q * g rounded, then added: no FMA at this
+// tier, which CMakeLists.txt builds with -ffp-contract=off where the baseline has FMA).
 struct PF32 {
   static constexpr int L = 4, M = 4, J = 2;
   typedef float V __attribute__((vector_size(16)));
@@ -67,7 +65,7 @@ using KF16 = KScalar<Dtype::float16, uint16_t, float, float>;
 using KBF16 = KScalar<Dtype::bfloat16, uint16_t, float, float>;
 using KI8 = KScalar<Dtype::int8, int8_t, int8_t, int32_t>;
 
-#include "scan_body.h"
-#include "packed_f32.h"
+#include "scan-inl.h"
+#include "packed_f32-inl.h"
 
 }  // namespace aml::scalar

@@ -7,9 +7,13 @@ Backends answer the same contract, (scores float32 Q x k', ids int64 Q x k'), be
 A compressed copy (float16, bfloat16, int8) scans faster; its k * rescore best candidates are then
 rescored against the float32 copy, so returned scores and order are float32-exact whenever the true top k
 is among the candidates (the benchmark reports how often: recall@100 >= 0.999 at the default factor).
+Every result row holds distinct real rows of the gallery, whatever the vectors hold: a NaN score (a gallery
+row holding NaN, or inf times 0) ranks after every number, by lower id (the torch backend may report such a
+row's score as -inf).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -42,11 +46,38 @@ def check_queries(store: Store, queries: np.ndarray, k: int, space: str | None =
         raise EngineError("store is empty", store.path)
     if not np.issubdtype(q.dtype, np.number) or np.iscomplexobj(q):
         raise EngineError(f"queries must be real numbers, got dtype {q.dtype}")
-    q = np.ascontiguousarray(q, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        q = np.ascontiguousarray(q, dtype=np.float32)
     if not np.isfinite(q).all():
         bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
         raise EngineError(f"query {bad} holds NaN or infinite values (or overflows float32)")
     return q
+
+
+def check_threads(threads: int, backend: str) -> None:
+    """threads: 0 (all cores) or a count, at most the engine's limit (engine._search.MAX_THREADS)."""
+    check_int(threads, "threads", minimum=0, note="0 = all cores")
+    if backend == "engine":
+        from . import _search
+
+        if threads > _search.MAX_THREADS:
+            raise EngineError(f"threads must be at most {_search.MAX_THREADS}, got {threads}")
+
+
+def check_result_size(nq: int, k: int, count: int) -> int:
+    """k' = min(k, count), the result's width; refuses a Q x k' result (with its merge buffers) beyond memory."""
+    width = min(k, count)
+    need = nq * width * 48  # ids + scores, twice while merging, and the scan's candidates
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not reported here: no bound
+        return width
+    if need > memory:
+        raise EngineError(
+            f"k = {k} asks for {nq} x {width} results, about {need / 2**30:.1f} GiB, more than this machine's "
+            f"{memory / 2**30:.1f} GiB of memory: ask for a smaller k or fewer queries"
+        )
+    return width
 
 
 def check_device(backend: str, device: str) -> None:
@@ -90,12 +121,18 @@ def plan_scan(store: Store, scan: str | None = None, rescore: int | None = None)
     return scan, int(rescore)
 
 
+def best_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's (score, id) pairs (Q x c each): score descending, ties by lower id, NaN last.
+
+    The one ordering of every result (the C++ kernel's too). Returns (scores float32 Q x min(k, c), ids int64).
+    """
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]  # lexsort puts NaN after every number
+    return np.take_along_axis(scores, order, 1).astype(np.float32, copy=False), np.take_along_axis(ids, order, 1)
+
+
 def merge_topk(scores_a, ids_a, scores_b, ids_b, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two per-query top lists (Q x ka, Q x kb) into the k best, score descending, ties by lower id."""
-    scores = np.concatenate([scores_a, scores_b], axis=1)
-    ids = np.concatenate([ids_a, ids_b], axis=1)
-    order = np.lexsort((ids, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    """Merge two per-query top lists (Q x ka, Q x kb) into the k best (best_k's order)."""
+    return best_k(np.concatenate([scores_a, scores_b], axis=1), np.concatenate([ids_a, ids_b], axis=1), k)
 
 
 def _shard_pairs(store: Store, scan: str, rescore: int) -> Iterator[tuple[ShardView, ShardView | None]]:
@@ -108,9 +145,22 @@ def _shard_pairs(store: Store, scan: str, rescore: int) -> Iterator[tuple[ShardV
 def _rescore_np(q: np.ndarray, ids: np.ndarray, exact: ShardView, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (Q x c local rows) rescored in float32 against the exact shard; the k best."""
     rows = np.asarray(exact.vectors[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
-    scores = np.einsum("qd,qcd->qc", q, rows).astype(np.float32)
-    order = np.lexsort((ids, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN / inf rows score NaN / inf, ranked by best_k
+        scores = np.einsum("qd,qcd->qc", q, rows).astype(np.float32)
+    return best_k(scores, ids, k)
+
+
+def _real_rows(scores: np.ndarray, ids: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A baseline's (scores, ids) with every id a distinct row of the shard: places it left empty (faiss's -1
+    when NaN scores kept rows out) take the lowest rows not listed, at score NaN."""
+    empty = (ids < 0) | (ids >= rows)
+    if not empty.any():
+        return scores, ids
+    scores, ids = scores.copy(), ids.copy()
+    for r in np.flatnonzero(empty.any(axis=1)):  # only on galleries holding NaN: O(rows) per such query
+        free = np.setdiff1d(np.arange(rows), ids[r][~empty[r]])[: int(empty[r].sum())]
+        ids[r, empty[r]], scores[r, empty[r]] = free, np.nan
+    return scores, ids
 
 
 def _faiss_shard(q: np.ndarray, view: ShardView, k: int, threads: int):
@@ -147,8 +197,13 @@ def _torch_shard(q: np.ndarray, view: ShardView, k: int, threads: int, device: s
     if threads:
         torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False
+
+    def top(qb):  # torch.topk ranks NaN first: selected as -inf instead (infinities kept as they are)
+        s = torch.from_numpy(qb).to(dev) @ x.T
+        return torch.topk(torch.nan_to_num(s, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf), k, dim=1)
+
     try:
-        parts = [torch.topk(torch.from_numpy(q[a:a + block]).to(dev) @ x.T, k, dim=1) for a in range(0, len(q), block)]
+        parts = [top(q[a:a + block]) for a in range(0, len(q), block)]
     finally:
         torch.set_num_threads(old_threads)
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
@@ -166,11 +221,10 @@ def _search_shard(q, view, exact, k, rescore, backend, threads, isa, device):
         )
     c = min(view.rows, k * rescore if exact is not None else k)
     s, i = _faiss_shard(q, view, c, threads) if backend == "faiss" else _torch_shard(q, view, c, threads, device)
-    i = i.astype(np.int64)
+    s, i = _real_rows(s, i.astype(np.int64), view.rows)
     if exact is not None:
         return _rescore_np(q, i, exact, k)
-    order = np.lexsort((i, -s), axis=1)[:, :k]  # the baselines' ties are in no set order
-    return np.take_along_axis(s, order, 1).astype(np.float32), np.take_along_axis(i, order, 1)
+    return best_k(s, i, k)  # the baselines' ties are in no set order
 
 
 def search(
@@ -195,15 +249,18 @@ def search(
     engine._search.isa_levels()); device: where the torch backend scores ("cpu", "cuda", "cuda:1"; faiss uses
     its GPU build by itself when it has one). Shards are memory-mapped one at a time, never the whole store.
     Returns (scores float32 Q x k', ids int64 Q x k'), k' = min(k, store.count), best first, ties by lower
-    id, ids being the store's row numbers.
+    id (NaN scores last), ids being distinct row numbers of the store. Any k >= 1 is accepted: one above the
+    store's count is taken as the count, and a rescoring factor beyond the count's worth of candidates as that
+    (k * rescore never needs more than every row); a result larger than this machine's memory is refused.
     """
     q = check_queries(store, queries, k, space)
     scan, rescore = plan_scan(store, scan, rescore)
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    check_int(threads, "threads", minimum=0, note="0 = all cores")
+    check_threads(threads, backend)
     check_device(backend, device)
-    k = int(k)
+    k = check_result_size(len(q), int(k), store.count)
+    rescore = min(rescore, -(-store.count // k))  # k * rescore <= count + k: no overflow downstream
     scores = np.zeros((len(q), 0), np.float32)
     ids = np.zeros((len(q), 0), np.int64)
     for view, exact in _shard_pairs(store, scan, rescore):
@@ -231,13 +288,14 @@ def search_stores(
         if other.space != first.space:
             raise EngineError(f"store is in space {other.space!r}, {first.path} in {first.space!r}", other.path)
     for store in stores:  # every error before any work
-        check_queries(store, queries, k, space)
+        q = check_queries(store, queries, k, space)
         plan_scan(store, options.get("scan"), options.get("rescore"))
+    k = check_result_size(len(q), int(k), sum(store.count for store in stores))
     scores = ids = None
     offset = 0
     for store in stores:
         s, i = search(store, queries, k, space, **options)
-        scores, ids = (s, i + offset) if scores is None else merge_topk(scores, ids, s, i + offset, int(k))
+        scores, ids = (s, i + offset) if scores is None else merge_topk(scores, ids, s, i + offset, k)
         offset += store.count
     return scores, ids
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import EngineError
-from engine.search import plan_scan, search, search_stores
+from engine.search import best_k, plan_scan, search, search_stores
 from engine.store import add_copy, open_store, write_store
 
 from test_search_core import assert_exact
@@ -89,6 +89,15 @@ def test_search_stores_merges_with_global_ids(tmp_path, gallery):
     assert_exact(s, i, q, g, 30)
     s, i = search_stores([a, b], q, 5000)
     assert s.shape == (6, 1000)
+
+
+def test_best_k_orders_by_score_then_id_with_nan_last():
+    scores = np.array([[1.0, np.nan, 3.0, np.nan, -np.inf, 1.0], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]], np.float32)
+    ids = np.array([[4, 9, 2, 1, 3, 0], [5, 4, 3, 2, 1, 0]], np.int64)
+    s, i = best_k(scores, ids, 5)
+    np.testing.assert_array_equal(i, [[2, 0, 4, 3, 1], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(s[0], np.array([3, 1, 1, -np.inf, np.nan], np.float32))
+    assert s.dtype == np.float32 and i.dtype == np.int64
 
 
 def test_ties_across_shards_go_to_the_lower_id(tmp_path):

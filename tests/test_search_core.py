@@ -162,7 +162,7 @@ def test_unrescored_recall_bounds():
 
 def test_bad_arguments():
     q, g = data(10, 4, 2)
-    with pytest.raises(ValueError, match="stored as"):
+    with pytest.raises(ValueError, match="bfloat16 gallery .* must be uint16"):
         _search.search_shard(q, g, "bfloat16", 3)
     with pytest.raises(ValueError, match="scale"):
         _search.search_shard(q, quantize.encode(g, "int8")[0], "int8", 3)
@@ -175,3 +175,63 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="k must"):
         _search.search_shard(q, g, "float32", 0)
     assert ISAS[0] == "scalar" and _search.default_threads() >= 1
+
+
+def poisoned(dtype, g, rows):
+    """The stored copy of g with `rows` scoring NaN: NaN values in a float copy, a NaN scale for int8."""
+    stored, scale = quantize.encode(g, dtype)
+    if dtype == "int8":
+        scale[rows] = np.nan
+    else:
+        bad = np.full((len(rows), g.shape[1]), np.nan, np.float32)
+        stored[rows] = quantize.encode(bad, dtype)[0]
+    return stored, scale
+
+
+# 3 queries scan rows as stored, 37 take every tier's packed kernels (float tiles; int8 tiles on VNNI)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", quantize.DTYPES)
+@pytest.mark.parametrize("nq", [3, 37])
+@pytest.mark.parametrize("rescore", [0, 3])
+def test_nan_rows_rank_last_and_every_id_is_a_row(isa, dtype, nq, rescore):
+    """NaN scores never enter the reservoir; the result still holds exactly min(k, N) distinct rows: the rows
+    with numbers, best first, then the NaN rows by lower id at score NaN (here k exceeds the clean rows)."""
+    q, g = data(700, 33, nq, seed=nq)
+    bad = np.arange(0, 700, 3)  # a third of the rows, in every tile and chunk
+    stored, scale = poisoned(dtype, g, bad)
+    exact = g.copy()
+    exact[bad] = np.nan
+    k = 600
+    s, i = _search.search_shard(q, stored, dtype, k, scale=scale, exact=exact if rescore else None, rescore=rescore,
+                                threads=2, isa=isa)
+    assert s.shape == i.shape == (nq, k)
+    assert all(len(set(row)) == k for row in i) and ((i >= 0) & (i < 700)).all()
+    clean = 700 - len(bad)
+    assert not np.isnan(s[:, :clean]).any() and np.isnan(s[:, clean:]).all()
+    np.testing.assert_array_equal(np.sort(i[:, :clean], axis=1), np.tile(np.setdiff1d(np.arange(700), bad), (nq, 1)))
+    np.testing.assert_array_equal(i[:, clean:], np.tile(bad[: k - clean], (nq, 1)))
+    assert (s[:, : clean - 1] >= s[:, 1:clean]).all()
+
+
+def test_rows_scored_nan_only_by_the_scan_are_rescored():
+    """A compressed copy's NaN rows (the float32 copy clean) are still candidates, ranked by their exact score."""
+    q, g = data(50, 16, 4)
+    stored, _ = poisoned("float16", g, [1, 2, 30])
+    for isa in ISAS:
+        s, i = _search.search_shard(q, stored, "float16", 10, exact=g, rescore=5, isa=isa)  # 50 candidates: all rows
+        assert_exact(s, i, q, g, 10)
+
+
+def test_concurrent_searches_from_python_threads():
+    """The GIL is released while scanning: searches from several Python threads share the one pool safely."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    q, g = data(5000, 64, 20)
+    stored, scale = quantize.encode(g, "int8")
+    expect = _search.search_shard(q, stored, "int8", 10, scale=scale, exact=g, rescore=4, threads=2)
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: _search.search_shard(q, stored, "int8", 10, scale=scale, exact=g, rescore=4,
+                                                             threads=2), range(12)))
+    for s, i in runs:
+        np.testing.assert_array_equal(s, expect[0])
+        np.testing.assert_array_equal(i, expect[1])

@@ -1,10 +1,13 @@
 // int8 scans of many queries on AVX-512 VNNI, GEMM-style: each gallery tile (kVnniTileBytes, kept in L2) is packed
 // once, in depth chunks of kVnniDepth bytes, into panels in which each vector lane holds one row (16 rows x 4 bytes
 // per register), and every query's four bytes are broadcast. Scores then come out sixteen rows at a time with no
-// horizontal sums, and one compare per 16 rows against the query's threshold keeps heap work off the hot path.
+// horizontal sums, and one compare per 16 rows against the query's threshold keeps reservoir work off the hot path.
 // The integer sums are exact whatever the chunking, and the scores are scaled exactly as emit() does, so results
 // are identical to the other int8 kernels.
-// Included by the VNNI tiers after scan_body.h (no include guard).
+// Included by the VNNI tiers after scan-inl.h (no include guard).
+#if !defined(AML_TIER) || !defined(__AVX512VNNI__)
+#error "packed_vnni-inl.h belongs to the AVX-512 VNNI tiers' translation units, built with -mavx512vnni"
+#endif
 
 constexpr int kPackM = 8;  // queries per register tile
 constexpr int kPackJ = 2;  // 16-row blocks per register tile: 8 x 2 accumulators, 2 rows, 1 broadcast
@@ -16,7 +19,7 @@ constexpr int64_t kVnniTileBytes = 512 << 10;  // one packed tile (all chunks), 
 // kPackRows rows: dword c of row i of panel b (bytes k0 + 4c..+3) at (b * kc / 4 + c) * kPackRows + i, biased
 // by +128 (xor 0x80) for vpdpbusd's unsigned operand. Bytes past d meet zero query bytes and rows past `rows`
 // are masked at emission, so their contents do not matter.
-AML_TARGET inline void pack_chunk_i8(const int8_t* gal, int64_t d, int64_t t0, int64_t rows, int64_t k0, int64_t kc,
+inline void pack_chunk_i8(const int8_t* gal, int64_t d, int64_t t0, int64_t rows, int64_t k0, int64_t kc,
                                      uint32_t* dst) {
   const int64_t nc = kc / 4, full = std::clamp<int64_t>((d - k0) / 4, 0, nc);
   for (int64_t b = 0; b * kPackRows < rows; ++b) {
@@ -45,7 +48,7 @@ AML_TARGET inline void pack_chunk_i8(const int8_t* gal, int64_t d, int64_t t0, i
 
 // One register tile over nc dwords: kPackM queries (pointers q, already offset to the chunk) x one panel (gp),
 // continuing the running integer sums in acc (kPackM * kPackRows, query-major) unless `first`.
-AML_TARGET AML_INLINE void packed_i8_tile(const int8_t* const* q, const uint32_t* gp, int64_t nc, bool first,
+AML_INLINE void packed_i8_tile(const int8_t* const* q, const uint32_t* gp, int64_t nc, bool first,
                                           int32_t* acc) {
   __m512i a[kPackM][kPackJ];
 #pragma GCC unroll 16
@@ -72,10 +75,10 @@ AML_TARGET AML_INLINE void packed_i8_tile(const int8_t* const* q, const uint32_t
     for (int jj = 0; jj < kPackJ; ++jj) _mm512_store_si512(acc + (m * kPackJ + jj) * 16, a[m][jj]);
 }
 
-// A finished register tile's sums (acc) scaled as emit() does into the heaps of queries qa.. (mv of them real),
+// A finished register tile's sums (acc) scaled as emit() does into the reservoirs of queries qa.. (mv of them real),
 // rows r.. (rows_left).
-AML_TARGET inline void packed_i8_emit(const Prepared<int8_t>& p, const int32_t* acc, int mv, int64_t qa, int64_t r,
-                                      int64_t rows_left, const float* rscale, TopK* heaps) {
+inline void packed_i8_emit(const Prepared<int8_t>& p, const int32_t* acc, int mv, int64_t qa, int64_t r,
+                                      int64_t rows_left, const float* rscale, Reservoir* reservoirs) {
   for (int jj = 0; jj < kPackJ; ++jj) {
     const int64_t r0 = r + jj * 16;
     const int valid = static_cast<int>(std::min<int64_t>(16, rows_left - jj * 16));
@@ -83,7 +86,7 @@ AML_TARGET inline void packed_i8_emit(const Prepared<int8_t>& p, const int32_t* 
     const __mmask16 lanes = static_cast<__mmask16>((1u << valid) - 1);
     const __m512 rs = _mm512_maskz_loadu_ps(lanes, rscale + r0);
     for (int m = 0; m < mv; ++m) {
-      TopK& h = heaps[qa + m];
+      Reservoir& h = reservoirs[qa + m];
       const __m512i sum = _mm512_load_si512(acc + (m * kPackJ + jj) * 16);
       __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(p.bias[qa + m])));
       s = _mm512_mul_ps(_mm512_mul_ps(s, _mm512_set1_ps(p.scale[qa + m])), rs);
@@ -109,8 +112,8 @@ inline T* line_aligned(T* p) {
 // query register tile runs chunk by chunk over its panels, so the panel chunk, the query chunk and the running
 // sums stay in L1 (whole 2 KiB rows, as before, made a 32-row panel 64 KiB at D = 2048: the scan took 1.4x as long).
 template <class K>
-AML_TARGET void scan_packed_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1, int64_t r0,
-                       int64_t r1, TopK* heaps) {
+void scan_packed_block(const ScanJob& j, const Prepared<typename K::Qt>& p, int64_t q0, int64_t q1, int64_t r0,
+                       int64_t r1, Reservoir* reservoirs) {
   const int8_t* gal = static_cast<const int8_t*>(j.gallery);
   const int64_t dp = p.dp, depth = std::min(dp, kVnniDepth);
   const int64_t tile_rows = std::max(kPackRows, kVnniTileBytes / dp / kPackRows * kPackRows);
@@ -136,7 +139,7 @@ AML_TARGET void scan_packed_block(const ScanJob& j, const Prepared<typename K::Q
       }
       for (int64_t pn = 0; pn < np; ++pn)
         packed_i8_emit(p, acc + pn * kPackM * kPackRows, mv, qa, t0 + pn * kPackRows, rows - pn * kPackRows,
-                       j.scale, heaps);
+                       j.scale, reservoirs);
     }
   }
 }

@@ -1,8 +1,12 @@
 // AVX-512 (F, BW, VL, DQ) kernel traits: 16 floats per step, masked loads for tails.
-// Included by each AVX-512 tier after it defines AML_TARGET (no include guard).
+// Included by each AVX-512 tier's translation unit, built with -mavx512f -mavx512bw -mavx512vl -mavx512dq (and
+// -mavx512vnni / -mavx512bf16 for the tiers that use them), inside its namespace (no include guard).
+#if !defined(AML_TIER) || !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__))
+#error "avx512_traits-inl.h belongs to the AVX-512 tiers' translation units, built with their -mavx512* flags"
+#endif
 
 #define AML_INLINE __attribute__((always_inline)) inline
-#define AML_FN AML_TARGET AML_INLINE static
+#define AML_FN AML_INLINE static
 
 // Sixteen accumulators -> their sixteen sums in order, by one transposing tree: within each 128-bit lane
 // (x0 + x2) + (x1 + x3), then across lanes (L0 + L2) + (L1 + L3). sum_f() follows the same tree, so a
@@ -33,7 +37,7 @@ AML_FN V tile_sums(const V (&a)[4][4]) {
   return cross_lanes(lane_sums(a[0][0], a[0][1], a[0][2], a[0][3]), lane_sums(a[1][0], a[1][1], a[1][2], a[1][3]),
                      lane_sums(a[2][0], a[2][1], a[2][2], a[2][3]), lane_sums(a[3][0], a[3][1], a[3][2], a[3][3]));
 }
-// A 4 x 4 tile's scores as one vector and the mask of those that may enter their query's heap
+// A 4 x 4 tile's scores as one vector and the mask of those that may enter their query's reservoir
 // (score >= thr[m]); the int8 form scales exactly as the scalar emit does: ((sum - bias) * qscale) * rscale.
 AML_FN __m512i query_lanes() { return _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0); }
 AML_FN __m512 per_query(const float* v) {
@@ -101,13 +105,10 @@ struct PF32 {
   }
 };
 
-struct KF32 {
+struct KF32 : KernelDefaults {
   static constexpr Dtype kKind = Dtype::float32;
   static constexpr int W = 16;
-  static constexpr int32_t kXorBias = 0;
-  static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
-  static constexpr bool kPacks = false;
   static constexpr bool kPackF32 = true;
   using G = float; using Qt = float; using V = __m512; using QV = __m512; using GV = __m512; using Acc = float;
   AML_FN __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1); }
@@ -142,14 +143,10 @@ struct KBF16Shift : KF32 {
 };
 
 // int8 without VNNI: widen to int16 and multiply-add pairs (vpmaddwd), exact in int32.
-struct KI8Madd {
+struct KI8Madd : KernelDefaults {
   static constexpr Dtype kKind = Dtype::int8;
   static constexpr int W = 32;
-  static constexpr int32_t kXorBias = 0;
-  static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
-  static constexpr bool kPacks = false;
-  static constexpr bool kPackF32 = false;
   using G = int8_t; using Qt = int16_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
@@ -167,17 +164,15 @@ struct KI8Madd {
   static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
 
-#ifdef AML_VNNI
+#ifdef __AVX512VNNI__  // the VNNI tiers are built with -mavx512vnni
 // vpdpbusd multiplies unsigned by signed bytes: the gallery byte is biased by +128 (xor 0x80),
 // which adds exactly 128 * sum(query) to the int32 dot; prepare() records that bias per query.
-struct KI8Vnni {
+struct KI8Vnni : KernelDefaults {
   static constexpr Dtype kKind = Dtype::int8;
   static constexpr int W = 64;
   static constexpr int32_t kXorBias = 128;
-  static constexpr int kRows = 4;
   static constexpr bool kSumTile = true;
   static constexpr bool kPacks = true;
-  static constexpr bool kPackF32 = false;
   using G = int8_t; using Qt = int8_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
