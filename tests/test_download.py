@@ -18,7 +18,11 @@ from engine.errors import EXIT_INPUT, EngineError
 
 
 class RangeHandler(BaseHTTPRequestHandler):
-    """GET of files under `server.folder`, honouring `Range: bytes=N-`; logs (path, range, bytes sent)."""
+    """GET of files under `server.folder`, honouring `Range: bytes=N-`; logs (path, range, bytes sent).
+
+    `server.content_range`, a function of (start, size) or None, replaces the Content-Range header (None: sent
+    as it should be; the function returning None: left out), for servers that answer resumes badly.
+    """
 
     def do_GET(self):
         path = self.server.folder / self.path.lstrip("/")
@@ -36,9 +40,11 @@ class RangeHandler(BaseHTTPRequestHandler):
             body = b""
         else:
             body = data[start:]
-            self.send_response(206 if rng else 200)
-            if rng:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            answer = self.server.content_range
+            self.send_response(206 if rng or answer else 200)
+            header = f"bytes {start}-{len(data) - 1}/{len(data)}" if answer is None else answer(start, len(data))
+            if (rng or answer) and header is not None:
+                self.send_header("Content-Range", header)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -54,7 +60,7 @@ def server(tmp_path):
     folder = tmp_path / "served"
     folder.mkdir()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.folder, httpd.log, httpd.ranges = folder, [], True
+    httpd.folder, httpd.log, httpd.ranges, httpd.content_range = folder, [], True, None
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, httpd.log, httpd

@@ -1,13 +1,18 @@
 """`engine train` end to end on a tiny training set: every loss family runs, learns, checkpoints and resumes."""
+import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from engine.errors import EXIT_INPUT, EngineError
 from engine.models import load_checkpoint
+from training.run import run_training
+from training.trainer import TrainConfig
 
 SIDE = 64
 
@@ -115,20 +120,40 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("extra,message", BAD_VALUES, ids=[" ".join(e) for e, _ in BAD_VALUES])
-def test_bad_values_are_refused_before_any_work(tiny_train, tmp_path, run_cli, extra, message):
-    from engine.errors import EXIT_INPUT
+def library_arguments(extra: tuple[str, ...]) -> tuple[dict, dict]:
+    """--flag value pairs -> (TrainConfig fields, run_training's path arguments), each value of its field's type."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    fields, paths = {}, {}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        name = flag[2:].replace("-", "_")
+        if name in ("val_gnd", "val_store"):
+            paths[name] = Path(value)
+        else:
+            default = defaults[name]
+            fields[name] = value if isinstance(default, str) else (int(value) if isinstance(default, int) else float(value))
+    return fields, paths
 
+
+@pytest.mark.parametrize("extra,message", BAD_VALUES, ids=[" ".join(e) for e, _ in BAD_VALUES])
+def test_bad_values_are_refused_before_any_work(tiny_train, tmp_path, extra, message):
+    fields, paths = library_arguments(extra)
     # The teacher store does not exist: a check that ran after loading the data would report it instead.
+    with pytest.raises(EngineError) as e:
+        run_training(TrainConfig(**fields), tmp_path / "run", tmp_path / "missing.store", tiny_train / "train" / "db.pkl",
+                     **paths)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra", [e for e, _ in BAD_VALUES], ids=[" ".join(e) for e, _ in BAD_VALUES])
+def test_the_command_refuses_them_too(tiny_train, tmp_path, run_cli, extra):
+    """At the edge (a usage error, exit 2) or from the library (one line, exit 1): never any work."""
     code, _, err = run_cli(*train_args(tiny_train, tmp_path / "missing.store", tmp_path / "run", *extra))
-    assert code == EXIT_INPUT and message in err, err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 2 or (code == EXIT_INPUT and len(err.strip().splitlines()) == 1), (code, err)
     assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_teacher_store_is_named(tiny_train, tmp_path, run_cli):
-    from engine.errors import EXIT_INPUT
-
     code, _, err = run_cli(*train_args(tiny_train, tmp_path / "missing.store", tmp_path / "r"))
     assert code == EXIT_INPUT and "missing.store" in err and len(err.strip().splitlines()) == 1
 
@@ -139,7 +164,7 @@ def trainer_for(tiny_train, teacher_store, start, out, val=None, **options):
     16-image epochs."""
     from engine.store import open_store
     from training.data import load_train_data
-    from training.trainer import TrainConfig, Trainer
+    from training.trainer import Trainer
 
     cfg = TrainConfig(**{"loss": "regression", "epochs": 3, "lr": 1e-3, "batch_size": 2, "images_per_epoch": 16,
                          "max_side": SIDE, "workers": 0, "freeze": "trunk", **options})

@@ -7,10 +7,7 @@ import random
 import shutil
 import struct
 import tarfile
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from PIL import Image
 from engine.datasets import download as dl
 from engine.errors import EXIT_INPUT, EngineError
 from engine.images import MAX_PIXELS, read_image
+from test_download import serve, server  # noqa: F401  (the local mirror fixture)
 
 pytestmark = pytest.mark.faults
 
@@ -116,57 +114,11 @@ MESSAGES = {"dot-dot": "points outside", "absolute": "points outside", "symlink 
             "device": "is a link or special file", "fifo": "is a link or special file", "no files": "no files in it"}
 
 
-class Handler(BaseHTTPRequestHandler):
-    """GET of files under `server.folder` with `Range: bytes=N-`; `server.content_range` (a function of
-    (start, size), or None) replaces the header a 206 carries; `server.log` records (path, range)."""
-
-    def do_GET(self):
-        path = self.server.folder / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        rng = self.headers.get("Range")
-        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
-        self.server.log.append((self.path, rng))
-        body = data[start:]
-        answer = self.server.content_range
-        self.send_response(206 if rng or answer else 200)
-        if rng or answer:
-            header = f"bytes {start}-{len(data) - 1}/{len(data)}" if answer is None else answer(start, len(data))
-            if header is not None:
-                self.send_header("Content-Range", header)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    folder = tmp_path / "served"
-    folder.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.folder, httpd.log, httpd.content_range = folder, [], None
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def serve(httpd, url: str, data: bytes) -> None:
-    target = httpd.folder / urlparse(url).path.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-
-
 def serve_rparis(httpd, first: bytes, second: bytes | None = None) -> None:
     urls = [r.url for r in dl.DATASETS["rparis6k"]]
-    serve(httpd, urls[0], first)
-    serve(httpd, urls[1], second if second is not None else archive(member("paris/eiffel/paris_eiffel_000002.jpg", b"e")))
-    serve(httpd, urls[2], pickle.dumps({"imlist": [], "qimlist": [], "gnd": []}))
+    serve(httpd.folder, urls[0], first)
+    serve(httpd.folder, urls[1], second if second is not None else archive(member("paris/eiffel/paris_eiffel_000002.jpg", b"e")))
+    serve(httpd.folder, urls[2], pickle.dumps({"imlist": [], "qimlist": [], "gnd": []}))
 
 
 def assert_nothing_left(out, archive_name: str = "paris_1-v1.tgz", kept: tuple = ()) -> None:
@@ -180,7 +132,7 @@ def assert_nothing_left(out, archive_name: str = "paris_1-v1.tgz", kept: tuple =
 
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_hostile_archive_leaves_nothing(server, tmp_path, kind):
-    base, httpd = server
+    base, _, _, httpd = server
     serve_rparis(httpd, archive(*HOSTILE[kind]))
     with pytest.raises(EngineError, match=f"paris_1-v1.tgz: unexpected archive content: .*{MESSAGES[kind]}.*nothing unpacked") as err:
         dl.download("rparis6k", tmp_path / "data", base_url=base)
@@ -190,7 +142,7 @@ def test_hostile_archive_leaves_nothing(server, tmp_path, kind):
 
 @pytest.mark.parametrize("cut", [60, 2000, -20], ids=["in the header", "in a member", "in the gzip trailer"])
 def test_truncated_archive_leaves_nothing(server, tmp_path, cut):
-    base, httpd = server
+    base, _, _, httpd = server
     full = archive(*GOOD, member("paris/louvre/paris_louvre_000002.jpg", random.Random(1).randbytes(3000)))
     serve_rparis(httpd, full[:cut])
     with pytest.raises(EngineError, match="paris_1-v1.tgz: not a readable tar archive .*nothing unpacked"):
@@ -199,7 +151,7 @@ def test_truncated_archive_leaves_nothing(server, tmp_path, cut):
 
 
 def test_second_archive_refused_keeps_the_first_whole(server, tmp_path):
-    base, httpd = server
+    base, _, _, httpd = server
     serve_rparis(httpd, archive(*GOOD), archive(member("paris/eiffel/ok.jpg"), member("paris/eiffel/../../../up.jpg")))
     root = tmp_path / "data"
     with pytest.raises(EngineError, match="paris_2-v1.tgz: unexpected archive content"):
@@ -210,7 +162,7 @@ def test_second_archive_refused_keeps_the_first_whole(server, tmp_path):
 
 
 def test_staging_left_by_a_killed_unpack_is_cleared(server, tmp_path):
-    base, httpd = server
+    base, _, _, httpd = server
     serve_rparis(httpd, archive(*GOOD))
     out = tmp_path / "data" / "rparis6k"
     stale = out / ".jpg.paris_1-v1.tgz.unpacking"
@@ -232,7 +184,7 @@ def test_staging_left_by_a_killed_unpack_is_cleared(server, tmp_path):
     lambda start, size: f"bytes {start}-{start - 1}/{size}",  # an empty range
 ], ids=["missing", "unsatisfied form", "garbage", "unknown total", "other start", "empty"])
 def test_malformed_content_range_restarts_from_zero(server, tmp_path, content_range):
-    base, httpd = server
+    base, _, _, httpd = server
     data = archive(*GOOD)
     serve_rparis(httpd, data)
     first = dl.DATASETS["rparis6k"][0]
@@ -243,11 +195,11 @@ def test_malformed_content_range_restarts_from_zero(server, tmp_path, content_ra
     with pytest.warns(dl.DownloadWarning, match="resume at byte 100 with Content-Range .* from the start"):
         dl.download("rparis6k", tmp_path / "data", base_url=base)
     assert (tmp_path / "data" / "rparis6k" / "jpg" / "paris_louvre_000001.jpg").read_bytes() == GOOD[0][1]
-    assert [r for p, r in httpd.log if p.endswith("paris_1-v1.tgz")] == ["bytes=100-", None]
+    assert [r for p, r, _ in httpd.log if p.endswith("paris_1-v1.tgz")] == ["bytes=100-", None]
 
 
 def test_malformed_content_range_on_a_fresh_download_is_one_error(server, tmp_path):
-    base, httpd = server
+    base, _, _, httpd = server
     serve_rparis(httpd, archive(*GOOD))
     httpd.content_range = lambda start, size: "bytes nonsense"
     with pytest.raises(EngineError, match="answered a request for the whole file with Content-Range 'bytes nonsense'") as err:
@@ -257,7 +209,7 @@ def test_malformed_content_range_on_a_fresh_download_is_one_error(server, tmp_pa
 
 
 def test_well_formed_but_absurd_total_is_one_error(server, tmp_path):
-    base, httpd = server
+    base, _, _, httpd = server
     data = archive(*GOOD)
     serve_rparis(httpd, data)
     part = tmp_path / "data" / (dl.DATASETS["rparis6k"][0].path + ".part")
