@@ -142,19 +142,15 @@ struct KBF16Shift : KF32 {
   AML_FN GV lg_tail(const G* p, int n) { return widen(_mm256_maskz_loadu_epi16(mask(n), p)); }
 };
 
-// int8 without VNNI: widen to int16 and multiply-add pairs (vpmaddwd), exact in int32.
-struct KI8Madd : KernelDefaults {
+// The int8 tiers' int32 side: the accumulator, the reductions and the scoring of a tile are the same with or
+// without VNNI; only the query's integer width and the multiply-add differ.
+template <class QueryInt>
+struct KI8Base : KernelDefaults {
   static constexpr Dtype kKind = Dtype::int8;
-  static constexpr int W = 32;
   static constexpr bool kSumTile = true;
-  using G = int8_t; using Qt = int16_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
+  using G = int8_t; using Qt = QueryInt; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
   AML_FN V zero() { return _mm512_setzero_si512(); }
   AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
-  AML_FN GV lg(const G* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  AML_FN GV lg_tail(const G* p, int n) {
-    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << n) - 1), p));
-  }
-  AML_FN V madd(V a, QV q, GV g) { return _mm512_add_epi32(a, _mm512_madd_epi16(g, q)); }
   AML_FN Acc sum(V a) { return _mm512_reduce_add_epi32(a); }
   AML_FN void sum_tile(const V (&a)[4][4], Acc* out) { _mm512_storeu_si512(out, tile_sums(a)); }
   AML_FN __mmask16 tile_scores(const Acc* s, const float* thr, const int32_t* bias, const float* qs, const float* rs,
@@ -164,28 +160,26 @@ struct KI8Madd : KernelDefaults {
   static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
 
+// int8 without VNNI: widen to int16 and multiply-add pairs (vpmaddwd), exact in int32.
+struct KI8Madd : KI8Base<int16_t> {
+  static constexpr int W = 32;
+  AML_FN GV lg(const G* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  AML_FN GV lg_tail(const G* p, int n) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << n) - 1), p));
+  }
+  AML_FN V madd(V a, QV q, GV g) { return _mm512_add_epi32(a, _mm512_madd_epi16(g, q)); }
+};
+
 #ifdef __AVX512VNNI__  // the VNNI tiers are built with -mavx512vnni
 // vpdpbusd multiplies unsigned by signed bytes: the gallery byte is biased by +128 (xor 0x80),
 // which adds exactly 128 * sum(query) to the int32 dot; prepare() records that bias per query.
-struct KI8Vnni : KernelDefaults {
-  static constexpr Dtype kKind = Dtype::int8;
+struct KI8Vnni : KI8Base<int8_t> {
   static constexpr int W = 64;
   static constexpr int32_t kXorBias = 128;
-  static constexpr bool kSumTile = true;
   static constexpr bool kPacks = true;
-  using G = int8_t; using Qt = int8_t; using V = __m512i; using QV = __m512i; using GV = __m512i; using Acc = int32_t;
-  AML_FN V zero() { return _mm512_setzero_si512(); }
-  AML_FN QV lq(const Qt* p) { return _mm512_loadu_si512(p); }
   AML_FN GV bias(__m512i g) { return _mm512_xor_si512(g, _mm512_set1_epi8(static_cast<char>(0x80))); }
   AML_FN GV lg(const G* p) { return bias(_mm512_loadu_si512(p)); }
   AML_FN GV lg_tail(const G* p, int n) { return bias(_mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, p)); }
   AML_FN V madd(V a, QV q, GV g) { return _mm512_dpbusd_epi32(a, g, q); }
-  AML_FN Acc sum(V a) { return _mm512_reduce_add_epi32(a); }
-  AML_FN void sum_tile(const V (&a)[4][4], Acc* out) { _mm512_storeu_si512(out, tile_sums(a)); }
-  AML_FN __mmask16 tile_scores(const Acc* s, const float* thr, const int32_t* bias, const float* qs, const float* rs,
-                                float* out) {
-    return tile_scores_i(s, thr, bias, qs, rs, out);
-  }
-  static Qt qconv(float v) { return static_cast<Qt>(v); }
 };
 #endif
