@@ -53,6 +53,18 @@ def test_real_layout_found_and_loaded(sfm_root):
     assert len(wh.images) == 5 and wh.qidxs.tolist() == [0, 3] and wh.pidxs.tolist() == [1, 2]
 
 
+def test_whitening_pairs_from_either_format_and_their_own_errors(sfm_root):
+    db = load_quiet(sfm_root / "dbs" / "retrieval-SfM-120k.pkl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sfm.DatasetWarning)
+        from_db = sfm.load_whitening_set(sfm_root / "dbs" / "retrieval-SfM-120k.pkl")  # a db: its training pairs
+    assert from_db.images == db.images and from_db.qidxs.tolist() == db.qidxs.tolist()
+    bad = write(sfm_root / "dbs" / "bad-whiten.pkl", {"cids": CIDS, "qidxs": [0, 9], "pidxs": [1, 2]})
+    with pytest.raises(EngineError, match="bad-whiten.pkl") as e:
+        sfm.load_whitening_set(bad)
+    assert "no split" not in str(e.value)  # the pairs' own problem, not a db's missing split
+
+
 def test_flat_layout_of_the_views_benchmark(tmp_path):
     for cid in CIDS:
         (tmp_path / "jpg").mkdir(exist_ok=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.datasets.sfm import load_training_set, load_whitening_set
+from engine.datasets.sfm import load_whitening_set
 from engine.encode import EncodeOptions, encode_to_array
 from engine.errors import EngineError
 from engine.models import Encoder, save_checkpoint, space_id
@@ -22,19 +22,14 @@ def whiten_encoder(encoder: Encoder, pairs_file: str | Path, out: str | Path, op
     pairs_file = Path(pairs_file)
     if encoder.head.whiten is not None:
         raise EngineError("encoder already has a whitening layer", pairs_file)
-    try:
-        ws = load_whitening_set(pairs_file, images_root)
-        images, qidxs, pidxs = ws.images, ws.qidxs, ws.pidxs
-    except EngineError:
-        ts = load_training_set(pairs_file, "train", images_root)
-        images, qidxs, pidxs = ts.images, ts.qidxs, ts.pidxs
-    X, kept, skipped = encode_to_array(encoder, [(p, None) for p in images], opts)
+    pairs = load_whitening_set(pairs_file, images_root)
+    X, kept, skipped = encode_to_array(encoder, [(p, None) for p in pairs.images], opts)
     if skipped:
         raise EngineError(f"{len(skipped)} pair images failed to decode (first: {skipped[0]['path']})", pairs_file)
-    m, P = learn_whitening(X, qidxs, pidxs)
+    m, P = learn_whitening(X, pairs.qidxs, pairs.pidxs)
     W, b = whitening_layer(m, P, dim)
     encoder.head.set_whitening(W, b)
-    encoder.config["whitening"] = {"source": pairs_file.name, "pairs": int(len(qidxs)), "dim": int(W.shape[0])}
+    encoder.config["whitening"] = {"source": pairs_file.name, "pairs": int(len(pairs.qidxs)), "dim": int(W.shape[0])}
     if encoder.config.get("role") == "teacher":
         encoder.config["space"] = space_id(encoder)
     return save_checkpoint(encoder, out)

@@ -131,7 +131,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the registr
 @app.command()
 def encode(
     out_path: Path = typer.Option(..., "--out", help="A store directory, or Q.npy for query vectors"),
-    model: Optional[str] = typer.Option(None, "--model", help="Teacher name, or a checkpoint: .safetensors (teacher or trained student) or cirtorch .pth"),
+    model: Optional[str] = typer.Option(None, "--model", help="A registry name, checkpoint:PATH (a teacher or trained student), cirtorch:PATH, or a PATH whose kind is read from its first bytes"),
     student: Optional[str] = typer.Option(None, "--student", **opt.STUDENT,
                                           help="An untrained student architecture (needs --target; `engine models` lists them); a trained one is a --model checkpoint"),
     target: Optional[str] = typer.Option(None, "--target", help="For an untrained student: the teacher store (or name) whose space it maps into"),
@@ -383,7 +383,7 @@ def train(
 
 @app.command()
 def export(
-    model: str = typer.Option(..., "--model", help="Teacher name or checkpoint (.safetensors / cirtorch .pth)"),
+    model: str = typer.Option(..., "--model", help="A registry name, checkpoint:PATH, cirtorch:PATH, or a PATH whose kind is read from its first bytes"),
     out_path: Path = typer.Option(..., "--out", help="OUT.onnx, or OUT.engine / OUT.plan for TensorRT"),
     fmt: Optional[str] = typer.Option(None, "--format", **opt.fixed("onnx", "tensorrt"), help="Default: from --out's suffix"),
     opset: int = typer.Option(17, "--opset", min=9, help="ONNX opset"),
@@ -408,7 +408,7 @@ def export(
 
 @app.command()
 def whiten(
-    model: str = typer.Option(..., "--model", help="Teacher name or checkpoint to whiten"),
+    model: str = typer.Option(..., "--model", help="The encoder to whiten: a registry name, checkpoint:PATH, cirtorch:PATH or PATH (as for encode)"),
     pairs: Path = typer.Option(..., "--pairs", help="Whitening pickle {cids, qidxs, pidxs} or an SfM-format db.pkl"),
     out_path: Path = typer.Option(..., "--out", help="Checkpoint (.safetensors) of the encoder with its learned whitening"),
     dim: Optional[int] = typer.Option(None, "--dim", min=1, help="Keep the first DIM whitened components"),

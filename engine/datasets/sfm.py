@@ -78,7 +78,11 @@ def load_training_set(db_path: str | Path, split: str = "train", images_root: st
     cluster); warns (DatasetWarning) about other single-image clusters, which can only serve as negatives.
     """
     db_path = Path(db_path)
-    db = read_pickle(db_path)
+    return _training_split(read_pickle(db_path), split, db_path, images_root, layout, check_images)
+
+
+def _training_split(db, split: str, db_path: Path, images_root, layout: str, check_images: bool) -> TrainingSet:
+    """One split of a db pickle's content, validated (see load_training_set)."""
     if not isinstance(db, dict) or split not in db:
         raise EngineError(f"no split {split!r} (a db pickle is {{'train'|'val': {{...}}}}, this one has "
                           f"{_keys(db)})", db_path)
@@ -96,9 +100,14 @@ def load_training_set(db_path: str | Path, split: str = "train", images_root: st
 
 def load_whitening_set(path: str | Path, images_root: str | Path | None = None, layout: str = "auto",
                        check_images: bool = True) -> WhiteningSet:
-    """Read and validate a whitening pickle {'cids', 'qidxs', 'pidxs'}; images found as in load_training_set."""
+    """Read and validate a whitening pickle {'cids', 'qidxs', 'pidxs'}, or an SfM-format db pickle (its training
+    split's pairs); images found as in load_training_set."""
     path = Path(path)
-    part = _require_keys(read_pickle(path), ("cids", "qidxs", "pidxs"), path, "whitening pickle")
+    data = read_pickle(path)
+    if isinstance(data, dict) and "cids" not in data and "train" in data:  # a db pickle: its training pairs
+        ts = _training_split(data, "train", path, images_root, layout, check_images)
+        return WhiteningSet(ts.images, ts.qidxs, ts.pidxs)
+    part = _require_keys(data, ("cids", "qidxs", "pidxs"), path, "whitening pickle")
     cids = names_list(part["cids"], path, "cids")
     qidxs, pidxs = _pairs(part, len(cids), path, "whitening")
     return WhiteningSet(_locate(path, cids, images_root, layout, check_images), qidxs, pidxs)
