@@ -145,16 +145,19 @@ def test_optional_plots_skipped_and_thumbnails_cached(bench, tmp_path):
     results = [("teacher", root / "teacher.npz")]
     write_report(root / "gnd.pkl", results, root / "jpg", tmp_path, top_n=2)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["pr.png"]
-    thumbs = {p: p.stat().st_mtime_ns for p in (tmp_path / "thumbs").iterdir()}
+    def written():  # each thumbnail is written to a new file renamed into place: a remade one has a new inode
+        return {p: p.stat().st_ino for p in (tmp_path / "thumbs").iterdir()}
+
+    thumbs = written()
     assert len(thumbs) == 3 + 3 * 2  # each query, and its two easy positives (the teacher's top 2)
     write_report(root / "gnd.pkl", results, root / "jpg", tmp_path, top_n=2)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "thumbs").iterdir()} == thumbs  # nothing remade
+    assert written() == thumbs  # nothing remade
 
     src = root / "jpg" / "coffee_q.jpg"
     future = time.time() + 60
     os.utime(src, (future, future))
     write_report(root / "gnd.pkl", results, root / "jpg", tmp_path, top_n=2)
-    changed = [p.name for p, t in thumbs.items() if p.stat().st_mtime_ns != t]
+    changed = [p.name for p, ino in thumbs.items() if p.stat().st_ino != ino]
     assert len(changed) == 1 and changed[0].startswith("coffee_q-")
 
 
