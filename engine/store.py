@@ -234,6 +234,14 @@ class Store:
     dtypes: list[str] = property(lambda self: list(self.manifest["copies"]))
     # the copy its writer wrote; the others were derived from it (add_copy)
     primary_dtype: str = property(lambda self: next(iter(self.manifest["copies"])))
+    # Each published change (encode, add, remove, compact) raises the generation: an open index compares it to
+    # know whether to reload.
+    generation: int = property(lambda self: int(self.manifest.get("generation", 0)))
+
+    def deleted_rows(self) -> np.ndarray:
+        """Row numbers removed from the gallery (`engine store remove`): sorted int64; search never returns them,
+        and the other rows keep their numbers."""
+        return np.zeros(0, np.int64)
 
     @property
     def exact_dtype(self) -> str:
