@@ -33,7 +33,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .checks import check_int
 from .errors import EngineError
-from .search import _search_shard, _shard_pairs, best_k, check_queries, check_result_size, check_threads, merge_topk, plan_scan
+from .search import (
+    _search_shard, _shard_pairs, best_k, check_queries, check_result_size, check_threads, merge_topk, plan_scan,
+)
 from .store import Store, open_store
 
 RETRY_S = 60.0  # how long a group's query waits for any replica to be alive again before it is refused

@@ -145,3 +145,40 @@ def test_an_actor_killed_mid_stream_loses_no_query(groups, store_path, queries):
         np.testing.assert_array_equal(s, want_scores[a:a + len(s)])
     assert ray.get(victim.describe.remote(), timeout=60)["pid"] != before  # restarted, serving again
     assert os.getpid() not in {p["pid"] for row in groups.placement for p in row}
+
+
+def publish_generation(path, generation):
+    """Publish the same rows as a new generation (as a store writer does): only the manifest changes."""
+    import json
+
+    from engine.files import write_bytes
+    from engine.store import MANIFEST
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["generation"] = generation
+    write_bytes(path / MANIFEST, json.dumps(manifest).encode())
+
+
+def test_a_new_generation_is_taken_whole(groups, store_path, queries):
+    """Actors on different generations are never merged: the front end refreshes them all and asks again."""
+    want = search(open_store(store_path), queries[:20], 10)
+    start = groups.generation[0]
+    publish_generation(store_path, start + 1)
+    assert groups.refresh() is True and groups.generation == (start + 1,)
+    assert {p["generation"] for row in groups.actors for p in ray.get([a.describe.remote() for a in row])} == {start + 1}
+    publish_generation(store_path, start + 2)
+    ray.get(groups.actors[1][0].refresh.remote())  # one replica moves on alone
+    for _ in range(2 * groups.replicas):  # every replica is asked at least once
+        got = groups.search(queries[:20], 10)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    assert groups.generation == (start + 2,)
+
+
+def test_a_missing_store_or_bad_sizes_are_refused_before_any_actor(tmp_path):
+    from engine import EngineError
+
+    with pytest.raises(EngineError, match="manifest|store"):
+        ShardGroups(tmp_path / "none", address="unused:1")
+    with pytest.raises(EngineError, match="groups"):
+        ShardGroups(tmp_path / "none", address="unused:1", groups=0)
