@@ -168,8 +168,9 @@ class ShardGroups:
                 for r in range(self.replicas)])
         try:
             self.placement = [ray.get([a.describe.remote() for a in row]) for row in self.actors]
-        except RayTaskError as e:  # an actor could not open its shards (the store missing on its node?)
-            raise _cause(e) from None
+        except RayActorError as e:  # an actor could not open its shards (the store missing on its node?)
+            last = [line for line in str(e).splitlines() if line.strip()][-1]
+            raise EngineError(f"a shard group's actor could not start: {last.split(': ', 1)[-1]}", self.path) from None
 
     # ------------------------------------------------------------------ the gallery, as engine.Index
     @property

@@ -165,7 +165,8 @@ def test_a_new_generation_is_taken_whole(groups, store_path, queries):
     start = groups.generation[0]
     publish_generation(store_path, start + 1)
     assert groups.refresh() is True and groups.generation == (start + 1,)
-    assert {p["generation"] for row in groups.actors for p in ray.get([a.describe.remote() for a in row])} == {start + 1}
+    held = ray.get([a.describe.remote() for row in groups.actors for a in row])
+    assert {p["generation"] for p in held} == {start + 1}
     publish_generation(store_path, start + 2)
     ray.get(groups.actors[1][0].refresh.remote())  # one replica moves on alone
     for _ in range(2 * groups.replicas):  # every replica is asked at least once
