@@ -23,7 +23,7 @@ import numpy as np
 from .errors import EngineError
 from .files import save_npy
 from .lock import WriteLock
-from .store import (Store, _check_finite, _remove_orphans, _save_copy, open_store, read_manifest, referenced_files, save_names,
+from .store import (Store, check_finite, open_store, read_manifest, referenced_files, remove_orphans, save_copy, save_names,
                     write_manifest, write_shard_files)
 
 
@@ -40,7 +40,7 @@ class Change:
         self.lock = WriteLock(self.path)
         try:
             self.current = open_store(self.path)  # what the last writer published, read under the lock
-            _remove_orphans(self.path, self.current.manifest)
+            remove_orphans(self.path, self.current.manifest)
         except BaseException:
             self.lock.release()
             raise
@@ -75,7 +75,7 @@ class Change:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != m["dim"] or len(names) != len(vectors):
             raise EngineError(f"{len(names)} names for vectors of shape {vectors.shape}: the store needs N x {m['dim']}", self.path)
-        _check_finite(vectors, names, m["count"], self.path)
+        check_finite(vectors, names, m["count"], self.path)
         index, first = len(m["shards"]), self.items_done
         record, entries = write_shard_files(self.path, list(m["copies"]), f"shard-{index:05d}-g{self.generation:05d}", vectors, names)
         m["shards"].append({"start": m["count"], "rows": len(vectors), "items": [first, first + n_items], **record,
@@ -172,7 +172,7 @@ def compact(path: str | Path) -> tuple[Store, Path | None]:
             record = {"start": int(a), "rows": len(ids), "items": [int(a), int(a) + len(ids)], "skipped": [], "sources": None}
             for dtype in m["copies"]:
                 stored, scale = _gather(list(old.shards(dtype)), starts, ids)
-                m["copies"][dtype].append(_save_copy(change.path, dtype, stem, stored, scale))
+                m["copies"][dtype].append(save_copy(change.path, dtype, stem, stored, scale))
             record["names"] = f"names/{stem}.parquet"
             record["names_sha256"] = save_names(change.path / record["names"], names[ids].tolist())
             m["shards"].append(record)

@@ -425,7 +425,8 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _check_finite(vectors: np.ndarray, names: Sequence[str] | None, first_row: int, where: Path | None) -> None:
+def check_finite(vectors: np.ndarray, names: Sequence[str] | None, first_row: int, where: Path | None) -> None:
+    """EngineError naming the first row (number `first_row` + r, and its name) holding NaN or an infinity."""
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         r = int(np.flatnonzero(~finite)[0])
@@ -474,7 +475,7 @@ def referenced_files(manifest: dict) -> set[str]:
 _DATA_FILES = {"names": "shard-", "deleted": "gen-", **{d: "shard-" for d in quantize.DTYPES}}
 
 
-def _remove_orphans(path: Path, manifest: dict) -> None:
+def remove_orphans(path: Path, manifest: dict) -> None:
     """Under the lock: delete data files no manifest entry names (a killed writer's) and temporary files."""
     referenced = {path / rel for rel in referenced_files(manifest)}
     for entry in path.iterdir():
@@ -504,7 +505,7 @@ def write_shard_files(root: Path, dtypes: Sequence[str], stem: str, vectors: np.
     exact = quantize.decode(stored, primary, scale)
     entries = {}
     for dtype in dtypes:
-        entries[dtype] = _save_copy(root, dtype, stem, *((stored, scale) if dtype == primary else quantize.encode(exact, dtype)))
+        entries[dtype] = save_copy(root, dtype, stem, *((stored, scale) if dtype == primary else quantize.encode(exact, dtype)))
     names_file = f"names/{stem}.parquet"
     return {"names": names_file, "names_sha256": save_names(root / names_file, names)}, entries
 
@@ -570,7 +571,7 @@ class StoreWriter:
                 self.manifest = fresh
                 self._write_manifest()
             self._generation = self.manifest.get("generation", 0)
-            _remove_orphans(self.path, self.manifest)
+            remove_orphans(self.path, self.manifest)
         except BaseException:
             self.lock.release()
             raise
@@ -620,7 +621,7 @@ class StoreWriter:
             raise EngineError(f"shard vectors have shape {vectors.shape}, the store's dim is {self.manifest['dim']}", self.path)
         if len(names) != len(vectors):
             raise EngineError(f"{len(names)} names for {len(vectors)} rows: one name per row", self.path)
-        _check_finite(vectors, names, first_row, self.path)
+        check_finite(vectors, names, first_row, self.path)
         return vectors
 
     def add_shard(
@@ -682,7 +683,8 @@ class StoreWriter:
         return Store(self.path, self.manifest)
 
 
-def _save_copy(root: Path, dtype: str, stem: str, stored: np.ndarray, scale: np.ndarray | None) -> dict:
+def save_copy(root: Path, dtype: str, stem: str, stored: np.ndarray, scale: np.ndarray | None) -> dict:
+    """Write one shard of a `dtype` copy as stored (rows x dim, and the int8 per-row scale) under `stem`; its manifest entry."""
     entry = {"file": f"{dtype}/{stem}.npy"}
     entry["sha256"] = save_npy(root / entry["file"], stored)
     if scale is not None:
@@ -714,7 +716,7 @@ def write_store(
     names = list(names) if names is not None else [str(i) for i in range(len(vectors))]
     if len(names) != len(vectors):
         raise EngineError(f"{len(names)} names for {len(vectors)} rows: one name per row")
-    _check_finite(vectors, names, 0, None)
+    check_finite(vectors, names, 0, None)
     quantize.check_dtype(dtype)
     shard_rows = _positive_int(shard_rows, "shard_rows")
     with StoreWriter(path, space, vectors.shape[1], dtype, shard_rows, len(vectors), None, info, overwrite) as writer:
@@ -738,14 +740,14 @@ def add_copy(store: Store | str | Path, dtype: str) -> Store:
     lock = WriteLock(path)
     try:
         current = open_store(path)  # what the last writer published, read under the lock
-        _remove_orphans(path, current.manifest)
+        remove_orphans(path, current.manifest)
         if dtype in current.dtypes:
             return current
         primary = current.primary_dtype
         entries = []
         for view, entry in zip(current.shards(primary), current.manifest["copies"][primary]):
             stem = PurePosixPath(entry["file"]).stem  # the shard's own stem (a rewritten shard's carries a tag)
-            entries.append(_save_copy(path, dtype, stem, *quantize.encode(view.as_float32(), dtype)))
+            entries.append(save_copy(path, dtype, stem, *quantize.encode(view.as_float32(), dtype)))
         current.manifest["copies"][dtype] = entries
         current.manifest["generation"] = current.generation + 1
         write_manifest(path, current.manifest)
