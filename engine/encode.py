@@ -11,6 +11,7 @@ pages (the runner's activations) for as long as it lived.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kernels import l2n
 
 from .backends import Runner, make_runner
+from .checks import check_float, check_int
 from .errors import EngineError
 from .files import save_npy, write_text
 from .images import DEFAULT_MAX_SIDE, read_image
@@ -345,6 +347,92 @@ def encode_to_store(
                     writer.add_shard(array, shard_names, ranges[j], skipped, sources[j])
                 vecs, kept, skipped = [], [], []
         return writer.finish()
+
+
+def store_encoder(store_path: str | Path, encoder: Encoder | None = None) -> Encoder:
+    """The encoder that made a store, rebuilt from its manifest (`info.encoder`): a registry teacher by name.
+
+    Any other (a checkpoint, a cirtorch teacher, random weights) cannot be rebuilt from a name: pass it as
+    `encoder`. Either way it must give the store's space id (its weights and head), or an EngineError says so.
+    A store of imported vectors (`engine store import`) records no encoder and is refused.
+    """
+    from .models import TEACHERS, build
+
+    path = Path(store_path)
+    m = read_manifest(path)
+    config = m.get("info", {}).get("encoder")
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise EngineError("records no encoder (its vectors were imported, not encoded): images cannot be added to it", path)
+    if encoder is None:
+        if config.get("role") != "teacher" or config["name"] not in TEACHERS:
+            raise EngineError(f"was encoded by {config['name']!r}, which is not a registry teacher: pass that encoder "
+                              "(--model checkpoint:PATH or cirtorch:PATH)", path)
+        try:
+            encoder = build(config["name"])
+        except EngineError as e:
+            raise EngineError(f"cannot rebuild its encoder {config['name']!r} ({e}): pass it with --model", path) from None
+    if encoder.space != m["space"] or encoder.dim != m["dim"]:
+        raise EngineError(f"the encoder gives space {encoder.space!r} (D = {encoder.dim}), the store holds {m['space']!r} "
+                          f"(D = {m['dim']}): only the store's own encoder can add to it", path)
+    return encoder
+
+
+def store_options(store_path: str | Path, opts: EncodeOptions | None = None) -> EncodeOptions:
+    """`opts` (how to run: batch, workers, device, runner) with the store's own encoding (max_side, scales from
+    its manifest's `info.encode`), checked as data."""
+    from .images import MIN_SIDE
+
+    path = Path(store_path)
+    recorded = read_manifest(path).get("info", {}).get("encode")
+    if not isinstance(recorded, dict):
+        raise EngineError("records no encoding options (its vectors were imported, not encoded)", path)
+    max_side = check_int(recorded.get("max_side"), "the manifest's info.encode.max_side", MIN_SIDE, path=path)
+    scales = recorded.get("scales")
+    if not isinstance(scales, list) or not scales:
+        raise EngineError(f"the manifest's info.encode.scales must be a non-empty list, got {scales!r}", path)
+    scales = tuple(check_float(s, "the manifest's info.encode.scales", 0, open_min=True, path=path) for s in scales)
+    return dataclasses.replace(opts or EncodeOptions(), max_side=max_side, scales=scales)
+
+
+def add_images(
+    store_path: str | Path,
+    items: Sequence[Item],
+    names: Sequence[str],
+    opts: EncodeOptions | None = None,
+    encoder: Encoder | None = None,
+    runner: Runner | None = None,
+) -> Store:
+    """Encode new images with the store's own encoder and options and append them, every copy in step, as one
+    new generation (engine.gallery), under the store's write lock.
+
+    items / names: as for `encode_to_store`; a name the store already holds (and has not removed) is refused,
+    nothing written. opts: how to run (its max_side and scales are replaced by the store's); encoder: see
+    `store_encoder`. New shards hold the store's shard size of items each. An interrupted add leaves the
+    store as it was; rerunning it does the whole add. Returns the new generation, opened.
+    """
+    from .gallery import Change, check_new_names
+
+    names = list(names)
+    if len(names) != len(items):
+        raise EngineError(f"{len(names)} names for {len(items)} images: one name per image", store_path)
+    with Change(store_path) as change:
+        check_new_names(change, names)  # before the encoder is built: a refusal costs nothing
+        encoder = store_encoder(store_path, encoder)
+        opts = store_options(store_path, opts)
+        rows = change.manifest["shard_rows"]
+        ends = {min(a + rows, len(items)) - 1 for a in range(0, len(items), rows)}
+        vecs, kept, skipped, first = [], [], [], 0
+        for i, v, err in encode_items(encoder, items, opts, runner):
+            if v is None:
+                skipped.append({"item": change.items_done + i, "path": str(items[i][0]), "error": err})
+            else:
+                vecs.append(v)
+                kept.append(names[i])
+            if i in ends:
+                array = np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
+                change.append_shard(array, kept, i + 1 - first, skipped)
+                vecs, kept, skipped, first = [], [], [], i + 1
+        return change.publish()
 
 
 # ---------------------------------------------------------------- query vectors as .npy + JSON sidecar

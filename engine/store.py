@@ -5,7 +5,13 @@ Layout (format version 1):
     names/shard-00000.parquet   one column "name": the image each row came from
     float32/shard-00000.npy     row-major vectors of one dtype ("copy"); int8 adds
     int8/shard-00000.scale.npy  a float32 per-row scale
+    deleted/gen-00003.npy    rows removed (`engine store remove`): sorted int64 row numbers (tombstones)
+    maps/compact-gen-00004.npy  what `engine store compact` made of each old row number (int64, -1: removed)
     .lock                    the write lock (engine.lock): one writer at a time
+
+Generations: each published change (an encode finishing, a copy added, rows added, removed or compacted;
+engine.gallery) raises the manifest's "generation" by one. A `Store` maps every file of its generation when it
+is opened, so it keeps reading that generation whole even after a later change unlinks its files.
 
 Every file is written under a temporary name and renamed when complete (engine.files); the manifest
 is rewritten (also atomically) after each shard, so an interrupted writer leaves only whole shards
@@ -18,7 +24,9 @@ Shards are opened memory-mapped, so a gallery larger than RAM is streamed.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import mmap
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -114,6 +122,7 @@ def validate_manifest(manifest, root: Path) -> dict:
     if manifest.get("source_key") is not None:
         c.text(manifest["source_key"], "source_key")
     complete = c.type(manifest.get("complete"), bool, "complete")
+    c.integer(manifest.get("generation", 0), "generation")
     c.type(manifest.get("info", {}), dict, "info")
     shards = c.type(manifest.get("shards"), list, "shards")
     copies = c.type(manifest.get("copies"), dict, "copies")
@@ -167,6 +176,13 @@ def validate_manifest(manifest, root: Path) -> dict:
                 c.text(entry.get("scale_sha256"), f + ".scale_sha256", _HEX64)
             elif "scale" in entry:
                 c.fail(f + ".scale", f"a {dtype} copy has no scale")
+    deleted = manifest.get("deleted")
+    if deleted is not None:
+        c.type(deleted, dict, "deleted")
+        unique(c.file(deleted.get("file"), "deleted.file"), "deleted.file")
+        c.text(deleted.get("sha256"), "deleted.sha256", _HEX64)
+        if c.integer(deleted.get("rows"), "deleted.rows", 1) > count:
+            c.fail("deleted.rows", f"is {deleted['rows']}, more than the store's {count} rows")
     return manifest
 
 
@@ -220,12 +236,25 @@ def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
     return arr
 
 
+def _map_file(path: Path) -> mmap.mmap:
+    """The whole file mapped read-only (no descriptor kept: the mapping outlives an unlink of the file)."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 class Store:
-    """A read-only view of a store directory whose manifest has been validated. Use `open_store`."""
+    """A read-only view of one generation of a store directory, its manifest validated. Use `open_store`.
+
+    Files are mapped once, on first use (`open_store` maps them all), and kept: a Store goes on reading its
+    generation whole after a later change (engine.gallery) replaces or unlinks those files.
+    """
 
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
+        self._views: dict[str, list[ShardView]] = {}
+        self._names: list[mmap.mmap] | None = None
+        self._deleted: np.ndarray | None = None
 
     space: str = property(lambda self: self.manifest["space"])
     dim: int = property(lambda self: self.manifest["dim"])
@@ -241,7 +270,28 @@ class Store:
     def deleted_rows(self) -> np.ndarray:
         """Row numbers removed from the gallery (`engine store remove`): sorted int64; search never returns them,
         and the other rows keep their numbers."""
-        return np.zeros(0, np.int64)
+        if self._deleted is None:
+            self._deleted = self._load_deleted()
+        return self._deleted
+
+    def _load_deleted(self) -> np.ndarray:
+        """The tombstone file, checked whole: a 1-d int64 array of `deleted.rows` increasing row numbers < count."""
+        entry = self.manifest.get("deleted")
+        if entry is None:
+            return np.zeros(0, np.int64)
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise EngineError("deleted-rows file is missing", path)
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise EngineError(f"not a readable .npy of deleted rows ({e})", path) from None
+        if rows.dtype != np.int64 or rows.shape != (entry["rows"],):
+            raise EngineError(f"holds {rows.dtype} {rows.shape}, the manifest says int64 ({entry['rows']},)", path)
+        if rows[0] < 0 or rows[-1] >= self.count or (np.diff(rows) <= 0).any():
+            raise EngineError(f"deleted rows must be increasing row numbers in [0, {self.count})", path)
+        rows.flags.writeable = False  # shared by every caller
+        return rows
 
     @property
     def exact_dtype(self) -> str:
@@ -255,15 +305,20 @@ class Store:
         return copies[dtype]
 
     def shards(self, dtype: str | None = None) -> Iterator[ShardView]:
-        """Memory-mapped shards of one copy, in row order, each checked against the manifest (header only)."""
+        """Memory-mapped shards of one copy, in row order, each checked against the manifest (header only)
+        when first mapped."""
         dtype = dtype or self.exact_dtype
-        storage = quantize.STORAGE_DTYPE[dtype]
-        for i, (shard, entry) in enumerate(zip(self.manifest["shards"], self._copy(dtype))):
-            vec = _check_npy(self.path / entry["file"], (shard["rows"], self.dim), storage)
-            scale = None
-            if dtype == "int8":
-                scale = _check_npy(self.path / entry["scale"], (shard["rows"],), np.float32)
-            yield ShardView(i, shard["start"], shard["rows"], dtype, vec, scale)
+        if dtype not in self._views:
+            storage = quantize.STORAGE_DTYPE[dtype]
+            views = []
+            for i, (shard, entry) in enumerate(zip(self.manifest["shards"], self._copy(dtype))):
+                vec = _check_npy(self.path / entry["file"], (shard["rows"], self.dim), storage)
+                scale = None
+                if dtype == "int8":
+                    scale = _check_npy(self.path / entry["scale"], (shard["rows"],), np.float32)
+                views.append(ShardView(i, shard["start"], shard["rows"], dtype, vec, scale))
+            self._views[dtype] = views
+        yield from self._views[dtype]
 
     def vectors(self, dtype: str | None = None) -> np.ndarray:
         """All rows as one float32 array (count x dim), decoded from `dtype`'s copy; for stores that fit in RAM."""
@@ -272,9 +327,10 @@ class Store:
 
     def names(self) -> list[str]:
         """The name of every row (count strings), in row order."""
+        self._check_names()
         out: list[str] = []
-        for shard in self.manifest["shards"]:
-            out.extend(pq.read_table(self.path / shard["names"]).column("name").to_pylist())
+        for mapped in self._names:
+            out.extend(pq.read_table(pa.BufferReader(mapped)).column("name").to_pylist())
         return out
 
     @property
@@ -290,19 +346,28 @@ class Store:
                 yield self.path / entry["file"], entry["sha256"]
                 if "scale" in entry:
                     yield self.path / entry["scale"], entry["scale_sha256"]
+        if self.manifest.get("deleted") is not None:
+            yield self.path / self.manifest["deleted"]["file"], self.manifest["deleted"]["sha256"]
 
     def _check_names(self) -> None:
+        """Map every names file (once) after checking its Parquet footer against the manifest."""
+        if self._names is not None:
+            return
+        mapped = []
         for shard in self.manifest["shards"]:
             path = self.path / shard["names"]
             if not path.exists():
                 raise EngineError("names file is missing", path)
             try:
-                meta = pq.read_metadata(path)  # the footer only
-            except (OSError, pa.ArrowException) as e:
+                data = _map_file(path)
+                meta = pq.read_metadata(pa.BufferReader(data))  # the footer only
+            except (OSError, ValueError, pa.ArrowException) as e:
                 raise EngineError(f"not a readable Parquet names file ({str(e)[:80]})", path) from None
             if meta.num_rows != shard["rows"] or meta.schema.names != ["name"]:
                 raise EngineError(f"names file holds {meta.num_rows} row(s) of {meta.schema.names}, "
                                   f"the manifest says {shard['rows']} of ['name']", path)
+            mapped.append(data)
+        self._names = mapped
 
     def verify(self, checksums: bool = True) -> None:
         """Raise EngineError naming the first file that is missing, truncated, foreign or (with checksums) altered.
@@ -313,21 +378,42 @@ class Store:
             for _ in self.shards(dtype):
                 pass
         self._check_names()
+        self.deleted_rows()
         if checksums:
             for path, digest in self.files():
                 if sha256_file(path) != digest:
                     raise EngineError("checksum does not match the manifest (altered or corrupt shard)", path)
 
 
+OPEN_ATTEMPTS = 3  # a change that publishes while a reader opens the store makes it start over, at most this often
+
+
 def open_store(path: str | Path, checksums: bool = False, allow_incomplete: bool = False) -> Store:
-    """Open a store directory, checking its manifest and every file's presence, size and header (and sha256 with `checksums`)."""
+    """Open a store directory, checking its manifest and every file's presence, size and header (and sha256 with
+    `checksums`), and mapping them all: the Store reads this generation whole from then on.
+
+    A change that publishes a new generation and unlinks the old one's files (compact) between this reading the
+    manifest and mapping them would leave a file missing: the open then starts over at the new generation.
+    """
     path = Path(path)
-    store = Store(path, read_manifest(path))
-    if not store.complete and not allow_incomplete:
-        refuse_if_held(path)  # "being written" says more than "incomplete"
-        raise EngineError("store is incomplete (an interrupted encode?): rerun the same command to resume", path)
-    store.verify(checksums=checksums)
-    return store
+    for attempt in itertools.count(1):
+        store = Store(path, read_manifest(path))
+        if not store.complete and not allow_incomplete:
+            refuse_if_held(path)  # "being written" says more than "incomplete"
+            raise EngineError("store is incomplete (an interrupted encode?): rerun the same command to resume", path)
+        try:
+            store.verify(checksums=checksums)
+            return store
+        except EngineError:
+            if attempt == OPEN_ATTEMPTS or _published_generation(path) == store.generation:
+                raise
+
+
+def _published_generation(path: Path) -> int | None:
+    try:
+        return int(read_manifest(path).get("generation", 0))
+    except EngineError:
+        return None
 
 
 # ---------------------------------------------------------------- writing
@@ -339,7 +425,8 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _check_finite(vectors: np.ndarray, names: Sequence[str] | None, first_row: int, where: Path | None) -> None:
+def check_finite(vectors: np.ndarray, names: Sequence[str] | None, first_row: int, where: Path | None) -> None:
+    """EngineError naming the first row (number `first_row` + r, and its name) holding NaN or an infinity."""
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         r = int(np.flatnonzero(~finite)[0])
@@ -373,21 +460,54 @@ def _take_folder(path: Path) -> WriteLock:
     return WriteLock(path)
 
 
-def _remove_orphans(path: Path, manifest: dict) -> None:
-    """Under the lock: delete shard files no manifest entry names (a killed writer's) and temporary files."""
-    referenced = {path / s["names"] for s in manifest["shards"]}
+def referenced_files(manifest: dict) -> set[str]:
+    """Every data file a manifest names (paths relative to the store)."""
+    files = {s["names"] for s in manifest["shards"]}
     for entries in manifest["copies"].values():
         for e in entries:
-            referenced.update(path / e[k] for k in ("file", "scale") if k in e)
+            files.update(e[k] for k in ("file", "scale") if k in e)
+    if manifest.get("deleted") is not None:
+        files.add(manifest["deleted"]["file"])
+    return files
+
+
+# The store's own data folders and the prefix of the files a writer puts there (the cleaners' reach).
+_DATA_FILES = {"names": "shard-", "deleted": "gen-", **{d: "shard-" for d in quantize.DTYPES}}
+
+
+def remove_orphans(path: Path, manifest: dict) -> None:
+    """Under the lock: delete data files no manifest entry names (a killed writer's) and temporary files."""
+    referenced = {path / rel for rel in referenced_files(manifest)}
     for entry in path.iterdir():
         if _is_temp_manifest(entry):
             entry.unlink()
-    for sub in ("names", *quantize.DTYPES):
+    for sub, prefix in _DATA_FILES.items():
         folder = path / sub
         if folder.is_dir() and not folder.is_symlink():
             for f in folder.iterdir():
-                if f.name.startswith("shard-") and f not in referenced and not f.is_dir():
+                if f.name.startswith(prefix) and f not in referenced and not f.is_dir():
                     f.unlink()
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Publish `manifest` as the store's at `path`, atomically (the last step of every change)."""
+    write_bytes(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def write_shard_files(root: Path, dtypes: Sequence[str], stem: str, vectors: np.ndarray, names: Sequence[str]) -> tuple[dict, dict]:
+    """Write one shard's names and its vectors (rows x dim float32) in every copy of `dtypes` under `stem`.
+
+    The first dtype is the store's primary copy, encoded from `vectors`; the others derive from its decoded
+    values, as add_copy does. Returns (the shard's names record, {dtype: copy entry}).
+    """
+    primary = dtypes[0]
+    stored, scale = quantize.encode(vectors, primary)
+    exact = quantize.decode(stored, primary, scale)
+    entries = {}
+    for dtype in dtypes:
+        entries[dtype] = save_copy(root, dtype, stem, *((stored, scale) if dtype == primary else quantize.encode(exact, dtype)))
+    names_file = f"names/{stem}.parquet"
+    return {"names": names_file, "names_sha256": save_names(root / names_file, names)}, entries
 
 
 class StoreWriter:
@@ -446,9 +566,12 @@ class StoreWriter:
                                       "or --overwrite", self.path)
                 self.manifest = old
             else:
+                # an overwritten store goes on counting: an index must not take the new gallery for the old one
+                fresh["generation"] = _published_generation(self.path) or 0
                 self.manifest = fresh
                 self._write_manifest()
-            _remove_orphans(self.path, self.manifest)
+            self._generation = self.manifest.get("generation", 0)
+            remove_orphans(self.path, self.manifest)
         except BaseException:
             self.lock.release()
             raise
@@ -483,17 +606,11 @@ class StoreWriter:
         return self.manifest["count"]
 
     def _write_manifest(self) -> None:
-        write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        write_manifest(self.path, self.manifest)
 
     def _write_files(self, index: int, stem: str, vectors: np.ndarray, names: Sequence[str]) -> tuple[dict, dict]:
         """Write shard `index`'s names and every copy of its vectors under `stem`; returns (names record, copy entries)."""
-        stored, scale = quantize.encode(vectors, self.dtype)
-        exact = quantize.decode(stored, self.dtype, scale)  # what the other copies derive from, as add_copy does
-        entries = {}
-        for dtype in self.manifest["copies"]:
-            entries[dtype] = _save_copy(self.path, dtype, stem, *((stored, scale) if dtype == self.dtype else quantize.encode(exact, dtype)))
-        names_file = f"names/{stem}.parquet"
-        return {"names": names_file, "names_sha256": save_names(self.path / names_file, names)}, entries
+        return write_shard_files(self.path, list(self.manifest["copies"]), stem, vectors, names)
 
     def _checked(self, vectors: np.ndarray, names: Sequence[str], first_row: int) -> np.ndarray:
         vectors = np.asarray(vectors)
@@ -504,7 +621,7 @@ class StoreWriter:
             raise EngineError(f"shard vectors have shape {vectors.shape}, the store's dim is {self.manifest['dim']}", self.path)
         if len(names) != len(vectors):
             raise EngineError(f"{len(names)} names for {len(vectors)} rows: one name per row", self.path)
-        _check_finite(vectors, names, first_row, self.path)
+        check_finite(vectors, names, first_row, self.path)
         return vectors
 
     def add_shard(
@@ -556,14 +673,18 @@ class StoreWriter:
                 (self.path / rel).unlink(missing_ok=True)
 
     def finish(self) -> Store:
-        """Mark the store complete, publish it and release the lock; returns the store."""
+        """Mark the store complete, publish it as the next generation and release the lock; returns the store."""
         self.manifest["complete"] = True
+        # Only a finished encode is a new generation: what an interrupted one published meanwhile was incomplete,
+        # which readers refuse, so a resumed encode ends at the number an uninterrupted one does.
+        self.manifest["generation"] = self._generation + 1
         self._write_manifest()
         self.close()
         return Store(self.path, self.manifest)
 
 
-def _save_copy(root: Path, dtype: str, stem: str, stored: np.ndarray, scale: np.ndarray | None) -> dict:
+def save_copy(root: Path, dtype: str, stem: str, stored: np.ndarray, scale: np.ndarray | None) -> dict:
+    """Write one shard of a `dtype` copy as stored (rows x dim, and the int8 per-row scale) under `stem`; its manifest entry."""
     entry = {"file": f"{dtype}/{stem}.npy"}
     entry["sha256"] = save_npy(root / entry["file"], stored)
     if scale is not None:
@@ -595,7 +716,7 @@ def write_store(
     names = list(names) if names is not None else [str(i) for i in range(len(vectors))]
     if len(names) != len(vectors):
         raise EngineError(f"{len(names)} names for {len(vectors)} rows: one name per row")
-    _check_finite(vectors, names, 0, None)
+    check_finite(vectors, names, 0, None)
     quantize.check_dtype(dtype)
     shard_rows = _positive_int(shard_rows, "shard_rows")
     with StoreWriter(path, space, vectors.shape[1], dtype, shard_rows, len(vectors), None, info, overwrite) as writer:
@@ -619,16 +740,17 @@ def add_copy(store: Store | str | Path, dtype: str) -> Store:
     lock = WriteLock(path)
     try:
         current = open_store(path)  # what the last writer published, read under the lock
-        _remove_orphans(path, current.manifest)
+        remove_orphans(path, current.manifest)
         if dtype in current.dtypes:
             return current
         primary = current.primary_dtype
         entries = []
         for view, entry in zip(current.shards(primary), current.manifest["copies"][primary]):
             stem = PurePosixPath(entry["file"]).stem  # the shard's own stem (a rewritten shard's carries a tag)
-            entries.append(_save_copy(path, dtype, stem, *quantize.encode(view.as_float32(), dtype)))
+            entries.append(save_copy(path, dtype, stem, *quantize.encode(view.as_float32(), dtype)))
         current.manifest["copies"][dtype] = entries
-        write_bytes(path / MANIFEST, json.dumps(current.manifest, indent=1).encode())
+        current.manifest["generation"] = current.generation + 1
+        write_manifest(path, current.manifest)
         return open_store(path)
     finally:
         lock.release()

@@ -300,6 +300,57 @@ def store_convert(
     console.print(f"store {store_path}: copies {', '.join(store.dtypes)}")
 
 
+@store_app.command("add")
+def store_add(
+    store_path: Path = typer.Argument(..., help="Store directory made by engine encode"),
+    images: Path = typer.Option(..., "--images", help="Folder of images or a list file: the images to add (named as encode names them)"),
+    model: Optional[str] = typer.Option(None, "--model", help="The store's encoder when it is not a registry teacher: checkpoint:PATH, cirtorch:PATH or PATH (it must give the store's space)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass"),
+    workers: int = typer.Option(AUTO_WORKERS, "--workers", min=-1, help=WORKERS_HELP),
+    device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="cpu, cuda or cuda:N"),
+    runner: str = typer.Option("auto", "--runner", **opt.RUNNER,
+                               help="Inference runner, one of engine.backends.BACKENDS (auto: onnxruntime on CPU, torch on CUDA)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the manifest and go on"),
+):
+    """Encode new images with the store's own encoder and options and append them (a new generation)."""
+    opt.require_device(device)
+    from ..encode import EncodeOptions, add_images
+    from ..models import load_encoder
+
+    items, names = resolve_items(images, None, None, "gallery")
+    opts = EncodeOptions(batch_size=batch_size, workers=_workers(workers), skip_bad=skip_bad, device=device, backend=runner,
+                         label="adding")
+    store = add_images(store_path, items, names, opts, load_encoder(model) if model else None)
+    console.print(f"store {store_path}: {store.count} rows, generation {store.generation}; skipped {len(store.skipped)}")
+
+
+@store_app.command("remove")
+def store_remove(
+    store_path: Path = typer.Argument(..., help="Store directory"),
+    names_file: Path = typer.Option(..., "--names", help="Text file of the names of the rows to remove, one per line"),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="Skip names the store does not hold instead of refusing"),
+):
+    """Mark rows deleted (searches no longer return them; the other rows keep their ids): a new generation."""
+    from ..gallery import remove_names
+
+    try:
+        names = [line for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EngineError(f"cannot read the names file ({getattr(e, 'strerror', None) or e})", names_file) from None
+    store, removed = remove_names(store_path, names, missing_ok)
+    console.print(f"store {store_path}: removed {removed} row(s), {len(store.deleted_rows())} removed in all; generation {store.generation}")
+
+
+@store_app.command("compact")
+def store_compact(store_path: Path = typer.Argument(..., help="Store directory")):
+    """Rewrite the store without its removed rows (a new generation) and write how old ids map to new ones."""
+    from ..gallery import compact
+
+    store, id_map = compact(store_path)
+    where = f"; old id -> new id (-1: removed) in {id_map}" if id_map else ": nothing was removed, nothing to do"
+    console.print(f"store {store_path}: {store.count} rows, generation {store.generation}{where}")
+
+
 @store_app.command("info")
 def store_info(store_path: Path = typer.Argument(..., help="Store directory"),
                verify: bool = typer.Option(False, "--verify", help="Check every sha256")):
