@@ -276,6 +276,11 @@ def test_store_import_then_info_then_verify_catches_an_altered_shard(run_cli, tm
     info = json.loads(out)
     assert info["count"] == 10 and info["dim"] == 8 and info["shards"] == 3 and info["complete"] and info["verified"]
     assert info["copies"] == ["float32"] and info["space"].startswith("imported:") and info["skipped"] == 0
+    assert info["generation"] == 1 and info["deleted"] == 0  # one published write, nothing removed
+    (tmp_path / "gone.txt").write_text("3\n7\n")
+    assert run_cli("store", "remove", store, "--names", tmp_path / "gone.txt")[0] == 0
+    info = json.loads(run_cli("store", "info", store)[1])
+    assert info["generation"] == 2 and info["deleted"] == 2 and info["count"] == 10  # ids are kept
 
     shard = store / "float32" / "shard-00001.npy"
     data = bytearray(shard.read_bytes())

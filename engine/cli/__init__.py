@@ -361,7 +361,8 @@ def store_info(store_path: Path = typer.Argument(..., help="Store directory"),
     m = store.manifest
     print(json.dumps({"path": str(store.path), "space": store.space, "dim": store.dim, "count": store.count,
                       "complete": store.complete, "copies": store.dtypes, "shards": len(m["shards"]),
-                      "skipped": len(store.skipped), "verified": verify}, indent=1))
+                      "skipped": len(store.skipped), "generation": store.generation, "deleted": len(store.deleted_rows()),
+                      "verified": verify}, indent=1))
 
 
 @data_app.command("views")
