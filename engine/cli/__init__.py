@@ -215,7 +215,7 @@ def search(
 
         q, meta = load_vectors(queries)
         with Client(url) as client:
-            scores, ids = client.search(q, k, scan=scan, rescore=rescore, space=meta.get("space"))
+            scores, ids = client.search(q, k, scan=scan, rescore=rescore, space=meta.get("space"), names=False)
         save_results(out_path, ids, scores)
         console.print(f"wrote top-{ids.shape[1]} from {url} for {len(q)} queries to {out_path}")
         return

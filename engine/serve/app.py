@@ -8,10 +8,11 @@ would add a cluster runtime and a second process hop for the same one-machine jo
 machines are Ray's, elsewhere).
 
 Endpoints (every refusal is a 4xx with a one-line `{"error": "..."}`; the server keeps answering):
-  POST /search         {"queries": [[float, ...], ...], "k": int, "scan"?, "rescore"?, "space"?}, or an .npy
-                       body (Content-Type application/x-npy or application/octet-stream) with k, scan, rescore,
-                       space as query parameters -> {"ids", "scores", "names", "k"}: Q lists of k' best first,
-                       exactly `engine.search`'s; k' = min(k, gallery size) (k above --max-k is refused).
+  POST /search         {"queries": [[float, ...], ...], "k": int, "scan"?, "rescore"?, "space"?, "names"?}, or an
+                       .npy body (Content-Type application/x-npy or application/octet-stream) with k and the
+                       options as query parameters -> {"ids", "scores", "names", "k"}: Q lists of k' best first,
+                       exactly `engine.search`'s; k' = min(k, gallery size) (k above --max-k is refused);
+                       "names": false leaves the names out (less to look up and to send).
   POST /search/image   an image (multipart field `image`, or the raw body), optional `bbx` x1,y1,x2,y2 (form
                        field or query parameter), k and the options as query parameters: the server's query
                        encoder (a student) encodes it and searches the gallery; the same answer as /search.
@@ -128,9 +129,9 @@ def create_app(index: Index, config: ServeConfig = ServeConfig(), encoder: Query
         q = check_queries(index.stores[0], queries, k, options["space"])  # the library's checks, before batching
         if len(q) == 0:
             raise BadRequest(422, "no queries: send a Q x D array with Q >= 1")
-        hits = await batcher.search(q, int(k), options["scan"], options["rescore"], options["space"])
-        return _json({"k": hits.ids.shape[1], "ids": hits.ids.tolist(), "scores": hits.scores.tolist(),
-                      "names": hits.names})
+        hits = await batcher.search(q, int(k), options["scan"], options["rescore"], options["space"], options["names"])
+        answer = {"k": hits.ids.shape[1], "ids": hits.ids.tolist(), "scores": hits.scores.tolist()}
+        return _json(answer if hits.names is None else {**answer, "names": hits.names})
 
     @app.post("/search")
     async def search(request: Request):

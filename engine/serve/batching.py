@@ -3,7 +3,8 @@
 The packed kernels are several times faster per query at Q >= 16 than at Q = 1, so single-query requests
 arriving close together are worth scanning together. Requests wait in groups of equal settings (k, scan,
 rescore, space): a group leaves as one block when it holds `max_batch` queries, when its oldest request
-has waited `max_wait_ms`, and only when one of the `blocks` scan slots is free, so requests arriving while
+has waited `max_wait_ms`, or at once when no block is being scanned (waiting gains nothing then: the others
+arrive while it scans), and only when one of the `blocks` scan slots is free, so requests arriving while
 every slot scans pile up into the next block instead of queueing as single queries. Each request gets back
 exactly its own rows of the block's result.
 
@@ -47,17 +48,18 @@ class Settings:
 
 @dataclass
 class Hits:
-    """One request's answer: scores float32 Q x k', ids int64 Q x k', names (Q lists of k' strings)."""
+    """One request's answer: scores float32 Q x k', ids int64 Q x k', names (Q lists of k' strings; None if not asked)."""
 
     scores: np.ndarray
     ids: np.ndarray
-    names: list[list[str]]
+    names: list[list[str]] | None
 
 
 @dataclass
 class _Request:
     queries: np.ndarray  # Q x D float32, already checked
     k: int
+    names: bool
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
 
@@ -92,9 +94,10 @@ class Batcher:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def search(self, queries: np.ndarray, k: int, scan: str | None = None, rescore: int | None = None,
-                     space: str | None = None) -> Hits:
-        """The top k of each query (checked Q x D float32), as `index.search` would answer it alone."""
-        request = _Request(queries, k, asyncio.get_running_loop().create_future())
+                     space: str | None = None, names: bool = True) -> Hits:
+        """The top k of each query (checked Q x D float32), as `index.search` would answer it alone; with the
+        gallery names of the ids when `names`."""
+        request = _Request(queries, k, names, asyncio.get_running_loop().create_future())
         self._pending.setdefault(Settings.of(k, scan, rescore, space), []).append(request)
         self._wakeup.set()
         hits = await request.future
@@ -133,7 +136,8 @@ class Batcher:
                     break
                 group = self._pending[settings]
                 left = group[0].arrived + self.max_wait - time.monotonic()
-                if sum(len(r.queries) for r in group) < self.max_batch and left > 0:
+                busy = self._free < self.blocks  # an idle service gains nothing by waiting: others arrive while it scans
+                if busy and sum(len(r.queries) for r in group) < self.max_batch and left > 0:
                     timeout = left if timeout is None else min(timeout, left)
                     continue
                 block, rows = [], 0
@@ -152,21 +156,22 @@ class Batcher:
             except TimeoutError:
                 pass
 
-    def _search(self, settings: Settings, queries: np.ndarray, k: int) -> Hits:
+    def _search(self, settings: Settings, queries: np.ndarray, k: int, names: bool) -> Hits:
         scores, ids = self.index.search(queries, k, settings.space, scan=settings.scan, rescore=settings.rescore)
-        return Hits(scores, ids, self.index.names(ids))
+        return Hits(scores, ids, self.index.names(ids) if names else None)
 
     async def _run(self, settings: Settings, block: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
         try:
             queries = np.concatenate([r.queries for r in block]) if len(block) > 1 else block[0].queries
-            hits = await loop.run_in_executor(self._executor, self._search, settings, queries, max(r.k for r in block))
+            hits = await loop.run_in_executor(self._executor, self._search, settings, queries, max(r.k for r in block),
+                                              any(r.names for r in block))
             self.block_count += 1
             start = 0
             for r in block:
                 stop = start + len(r.queries)
                 self._answer(r, Hits(hits.scores[start:stop, :r.k], hits.ids[start:stop, :r.k],
-                                     [row[:r.k] for row in hits.names[start:stop]]))
+                                     [row[:r.k] for row in hits.names[start:stop]] if r.names else None))
                 start = stop
         except EngineError as e:
             if len(block) == 1:
@@ -175,7 +180,8 @@ class Batcher:
                 for r in block:
                     try:
                         self.block_count += 1
-                        self._answer(r, await loop.run_in_executor(self._executor, self._search, settings, r.queries, r.k))
+                        self._answer(r, await loop.run_in_executor(self._executor, self._search, settings, r.queries, r.k,
+                                                                   r.names))
                     except Exception as e2:  # noqa: BLE001  (handed to the request that caused it)
                         self._fail(r, e2)
         except Exception as e:  # noqa: BLE001  (an engine bug: every request of the block is told, none hangs)

@@ -11,9 +11,10 @@ from ..errors import EngineError
 
 
 class Hits(tuple):
-    """(scores float32 Q x k', ids int64 Q x k'), as `engine.search` returns them, with `.names` (Q lists of k')."""
+    """(scores float32 Q x k', ids int64 Q x k'), as `engine.search` returns them, with `.names` (Q lists of k'
+    strings; None when not asked for)."""
 
-    def __new__(cls, scores: np.ndarray, ids: np.ndarray, names: list[list[str]]):
+    def __new__(cls, scores: np.ndarray, ids: np.ndarray, names: list[list[str]] | None):
         hits = super().__new__(cls, (scores, ids))
         hits.names = names
         return hits
@@ -60,28 +61,35 @@ class Client:
         width = payload["k"]
         scores = np.asarray(payload["scores"], np.float32).reshape(-1, width)
         ids = np.asarray(payload["ids"], np.int64).reshape(-1, width)
-        return Hits(scores, ids, payload["names"])
+        return Hits(scores, ids, payload.get("names"))
 
     @staticmethod
-    def _params(k: int, scan: str | None, rescore: int | None, space: str | None) -> dict:
-        return {name: value for name, value in (("k", k), ("scan", scan), ("rescore", rescore), ("space", space))
-                if value is not None}
+    def _params(k: int, scan: str | None, rescore: int | None, space: str | None, names: bool) -> dict:
+        given = (("k", k), ("scan", scan), ("rescore", rescore), ("space", space), ("names", str(names).lower()))
+        return {name: value for name, value in given if value is not None}
 
     def search(self, queries: np.ndarray, k: int, scan: str | None = None, rescore: int | None = None,
-               space: str | None = None) -> Hits:
-        """Top k of each query (Q x D, or one D vector), options as `engine.search`'s; sent as float32 .npy."""
+               space: str | None = None, names: bool = True) -> Hits:
+        """Top k of each query (Q x D, or one D vector), options as `engine.search`'s; sent as float32 .npy.
+        names: also fetch the ids' gallery names (`.names` of the result)."""
         buf = io.BytesIO()
         np.save(buf, np.atleast_2d(np.asarray(queries, dtype=np.float32)), allow_pickle=False)
-        return self._hits(self._call("POST", "/search", content=buf.getvalue(), params=self._params(k, scan, rescore, space),
-                                     headers={"Content-Type": "application/x-npy"}))
+        return self._hits(self._call("POST", "/search", content=buf.getvalue(), headers={"Content-Type": "application/x-npy"},
+                                     params=self._params(k, scan, rescore, space, names)))
 
     def search_image(self, image: str | Path | bytes, k: int, bbx=None, scan: str | None = None,
-                     rescore: int | None = None) -> Hits:
+                     rescore: int | None = None, names: bool = True) -> Hits:
         """Top k for one image (a file's path or its bytes), cropped to bbx (x1, y1, x2, y2) first, encoded by the server."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        if isinstance(image, bytes):
+            data = image
+        else:
+            try:
+                data = Path(image).read_bytes()
+            except OSError as e:
+                raise EngineError(f"cannot read the image ({e.strerror})", image) from None
         fields = {} if bbx is None else {"bbx": ",".join(str(float(v)) for v in bbx)}
         return self._hits(self._call("POST", "/search/image", files={"image": ("image", data)}, data=fields,
-                                     params=self._params(k, scan, rescore, None)))
+                                     params=self._params(k, scan, rescore, None, names)))
 
     def health(self) -> dict:
         return self._call("GET", "/health")

@@ -16,7 +16,8 @@ from starlette.requests import Request
 from ..checks import float_problem
 
 NPY_TYPES = ("application/octet-stream", "application/x-npy")
-SEARCH_FIELDS = ("queries", "k", "scan", "rescore", "space")
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+SEARCH_FIELDS = ("queries", "k", "scan", "rescore", "space", "names")
 
 
 class BadRequest(Exception):
@@ -51,7 +52,7 @@ def media_type(request: Request) -> str:
 
 
 def parse_search_json(body: bytes) -> dict:
-    """{"queries": [[...], ...], "k": int, "scan"?, "rescore"?, "space"?} -> the same keys, queries as an array
+    """{"queries": [[...], ...], "k": int, "scan"?, "rescore"?, "space"?, "names"?} -> the same keys, queries as an array
     (any dtype: `engine.search.check_queries` judges it), the options type-checked; unknown fields refused."""
     try:
         payload = json.loads(body)
@@ -73,8 +74,9 @@ def parse_search_json(body: bytes) -> dict:
 
 
 def search_options(values) -> dict:
-    """scan (a string), rescore (an integer >= 0) and space (a string) from a JSON object or query parameters
-    (strings there); absent or null -> None. Whether the store holds the copy is the library's to say."""
+    """scan (a string), rescore (an integer >= 0), space (a string) and names (a boolean: answer the ids' names
+    too; default true) from a JSON object or query parameters (strings there); absent or null -> None (names:
+    true). Whether the store holds the copy is the library's to say."""
     out = {}
     for name in ("scan", "space"):
         value = values.get(name)
@@ -87,6 +89,12 @@ def search_options(values) -> dict:
     if rescore is not None and (isinstance(rescore, bool) or not isinstance(rescore, numbers.Integral) or rescore < 0):
         raise BadRequest(422, f"rescore must be an integer >= 0, got {rescore!r}")
     out["rescore"] = rescore
+    names = values.get("names", True)
+    if isinstance(names, str) and names.lower() in BOOLEANS:
+        names = BOOLEANS[names.lower()]
+    if not isinstance(names, bool):
+        raise BadRequest(422, f"names must be true or false, got {names!r}")
+    out["names"] = names
     return out
 
 
