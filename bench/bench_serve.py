@@ -38,6 +38,7 @@ K = 100
 QUERIES = int(os.environ.get("AML_SERVE_QUERIES", "1000"))
 SECONDS = float(os.environ.get("AML_SERVE_SECONDS", "60"))
 CLIENTS = [int(c) for c in os.environ.get("AML_SERVE_CLIENTS", "1,16,64").split(",")]
+BLOCKS = os.environ.get("AML_SERVE_BLOCKS", "2")  # engine serve --blocks: query blocks scanned at once
 NAMES = os.environ.get("AML_SERVE_NAMES", "1") == "1"  # 0: ids and scores only (no name lookup per block)
 CACHE = Path(os.environ.get("AML_SERVE_CACHE", Path.home() / ".cache" / "aml-engine" / "bench-serve"))
 SHARD_ROWS = 65536
@@ -111,7 +112,8 @@ def server(store):
     port = free_port()
     command = shutil.which("engine", path=str(Path(sys.executable).parent))
     argv = [command] if command else [sys.executable, "-c", "from engine.cli import main; main()"]
-    proc = subprocess.Popen([*argv, "serve", str(store), "--host", "127.0.0.1", "--port", str(port)])
+    proc = subprocess.Popen([*argv, "serve", str(store), "--host", "127.0.0.1", "--port", str(port),
+                             "--blocks", BLOCKS])
     url = f"http://127.0.0.1:{port}"
     client = engine.Client(url)
     try:
@@ -188,7 +190,7 @@ def test_served(benchmark, server, queries, reference, clients):
 
 def table() -> str:
     base = ROWS.get("in-process", {}).get("qps")
-    lines = [f"N {N} x D {D}, int8 scan + float32 rescoring (x4), k {K}, names {'on' if NAMES else 'off'}; {os.cpu_count()} cores; "
+    lines = [f"N {N} x D {D}, int8 scan + float32 rescoring (x4), k {K}, names {'on' if NAMES else 'off'}, --blocks {BLOCKS}; {os.cpu_count()} cores; "
              f"load average {open('/proc/loadavg').read().split()[0]}",
              "", "| case | queries | queries/s | p50 ms | p99 ms | errors | wrong | mean block | x in-process |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -277,3 +277,45 @@ def test_serve_options_default_to_the_library(run_cli):
     for field in dataclasses.fields(ServeConfig):
         assert params[field.name].default == field.default, field.name
     assert params["host"].default == "127.0.0.1"
+
+
+def test_serve_command_builds_the_index_and_the_student_for_the_first_store(gallery, run_cli, monkeypatch):
+    from engine.serve import app as serve_app
+
+    started = {}
+    monkeypatch.setattr(serve_app, "serve", lambda index, host, port, config, encoder: started.update(locals()))
+    code, _, err = run_cli("serve", gallery, "--student", "mobilenetv2", "--runner", "torch", "--max-side", 64,
+                           "--port", 8123, "--max-batch", 8, "--blocks", 1)
+    assert code == 0, err
+    assert started["index"].count == N and (started["host"], started["port"]) == ("127.0.0.1", 8123)
+    assert (started["config"].max_batch, started["config"].blocks) == (8, 1)
+    assert (started["encoder"].encoder.space, started["encoder"].encoder.dim) == (SPACE, D)
+    code, _, err = run_cli("serve", gallery, "--model", "x", "--student", "mobilenetv2")
+    assert code == 1 and "exactly one" in err
+
+
+def test_engine_serve_runs_as_a_command(gallery):
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from engine.cli import main; main()", "serve", str(gallery),
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        with engine.Client(f"http://127.0.0.1:{port}") as client:
+            for _ in range(300):
+                try:
+                    health = client.health()
+                    break
+                except engine.EngineError:
+                    assert proc.poll() is None, proc.stderr.read()
+                    time.sleep(0.05)
+            assert (health["status"], health["count"], health["dim"]) == ("ok", N, D)
+            q = unit_rows(2, 7)
+            np.testing.assert_array_equal(client.search(q, 4)[1], engine.search(open_store(gallery), q, 4)[1])
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -247,6 +247,7 @@ def serve(
     device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="Where the query encoder runs: cpu, cuda or cuda:N"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most queries scanned as one block (concurrent requests batched)"),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", callback=opt.number(0, 1000), help="Longest a request waits for others to share its block (ms)"),
+    blocks: int = typer.Option(2, "--blocks", min=1, max=64, help="Query blocks scanned at once (each scan already uses every core)"),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", callback=opt.number(0, 1024, open_min=True), help="Largest request body read (MiB); larger ones are refused with 413"),
     max_k: int = typer.Option(10_000, "--max-k", min=1, help="Largest k a request may ask for (a larger one is refused; k above the gallery size gets the gallery)"),
 ):
@@ -260,7 +261,7 @@ def serve(
     if model or student:
         enc = resolve_encoder(model, student, str(store_paths[0]), weights)
         encoder = QueryEncoder(enc, max_side, runner, device)
-    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb, max_k=max_k)
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, blocks=blocks, max_body_mb=max_body_mb, max_k=max_k)
     console.print(f"serving {index.count} x {index.dim} (space {index.space}) on http://{host}:{port}"
                   f"{f'; images encoded by {encoder.encoder.name}' if encoder else ''}")
     run_server(index, host, port, config, encoder)

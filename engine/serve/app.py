@@ -47,10 +47,13 @@ from .requests import NPY_TYPES, BadRequest, media_type, parse_bbx, parse_image_
 @dataclass(frozen=True)
 class ServeConfig:
     """The service's bounds. max_batch: queries per scanned block; max_wait_ms: how long a request may wait
-    for others to join its block; max_body_mb: the largest request body read; max_k: the largest k accepted."""
+    for others to join its block; blocks: blocks scanned at once (each scan uses every core already; a second
+    overlaps one block's Python work with the other's scan); max_body_mb: the largest request body read;
+    max_k: the largest k accepted."""
 
     max_batch: int = 64
     max_wait_ms: float = 2.0
+    blocks: int = 2
     max_body_mb: float = 16.0
     max_k: int = 10_000
 
@@ -93,7 +96,7 @@ def _error(status: int, reason: str) -> Response:
 
 def create_app(index: Index, config: ServeConfig = ServeConfig(), encoder: QueryEncoder | None = None) -> FastAPI:
     """The ASGI app over `index`; `encoder` (optional) serves /search/image."""
-    batcher = Batcher(index, config.max_batch, config.max_wait_ms)
+    batcher = Batcher(index, config.max_batch, config.max_wait_ms, config.blocks)
     limit = int(config.max_body_mb * 2**20)
 
     @contextlib.asynccontextmanager
