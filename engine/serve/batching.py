@@ -77,6 +77,7 @@ class Batcher:
         self._pending: dict[Settings, list[_Request]] = {}
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
+        self._reloading = asyncio.Lock()  # one reload at a time: the pause is whole
         self._executor = ThreadPoolExecutor(blocks, thread_name_prefix="aml-serve")
         self._tasks: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
@@ -106,15 +107,16 @@ class Batcher:
 
     async def reload(self) -> bool:
         """index.refresh() with no block in flight (a block's ids and names come from one generation)."""
-        self._paused = True
-        try:
-            while self._free < self.blocks:
-                self._drained.clear()
-                await self._drained.wait()
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.index.refresh)
-        finally:
-            self._paused = False
-            self._wakeup.set()
+        async with self._reloading:
+            self._paused = True
+            try:
+                while self._free < self.blocks:
+                    self._drained.clear()
+                    await self._drained.wait()
+                return await asyncio.get_running_loop().run_in_executor(self._executor, self.index.refresh)
+            finally:
+                self._paused = False
+                self._wakeup.set()
 
     def stats(self) -> dict:
         """Counters since start, and latency percentiles (ms) over the last LATENCY_WINDOW requests."""
