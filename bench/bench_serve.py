@@ -10,8 +10,9 @@ threads (AML_SERVE_CLIENTS=1,16,64) through engine.Client, within the same time 
 The server is the real command (`engine serve STORE`, defaults: --max-batch 64, --max-wait-ms 2) in its own
 process; the load generator shares the machine with it, as a client on the same host would. Reported per
 case: queries/s, latency p50 / p99 (ms, per request as the client sees it), errors (failed requests), wrong
-(answers that differ from in-process search of the same query; AML_SERVE_NAMES=0 asks for ids and scores only), the server's mean block size, and the ratio
+(answers that differ from in-process search of the same query), the server's mean block size, and the ratio
 of queries/s to sequential in-process single-query search. The table is printed at the end of the session.
+AML_SERVE_NAMES=0 asks for ids and scores only (no name lookup); AML_SERVE_BLOCKS sets `engine serve --blocks`.
 """
 from __future__ import annotations
 
@@ -190,8 +191,8 @@ def test_served(benchmark, server, queries, reference, clients):
 
 def table() -> str:
     base = ROWS.get("in-process", {}).get("qps")
-    lines = [f"N {N} x D {D}, int8 scan + float32 rescoring (x4), k {K}, names {'on' if NAMES else 'off'}, --blocks {BLOCKS}; {os.cpu_count()} cores; "
-             f"load average {open('/proc/loadavg').read().split()[0]}",
+    lines = [f"N {N} x D {D}, int8 scan + float32 rescoring (x4), k {K}, names {'on' if NAMES else 'off'}, --blocks {BLOCKS}; "
+             f"{os.cpu_count()} cores; load average {open('/proc/loadavg').read().split()[0]}",
              "", "| case | queries | queries/s | p50 ms | p99 ms | errors | wrong | mean block | x in-process |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in ROWS.items():
