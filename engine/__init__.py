@@ -6,7 +6,8 @@ and `Index(paths)`, the resident gallery (`index.search(queries, k)`, `index.ref
 from .errors import EngineError
 from .index import Index
 from .search import search, search_stores
+from .serve.client import Client
 from .store import open_store
 
 __version__ = "0.1.0"
-__all__ = ["EngineError", "Index", "open_store", "search", "search_stores", "__version__"]
+__all__ = ["Client", "EngineError", "Index", "open_store", "search", "search_stores", "__version__"]

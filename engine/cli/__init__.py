@@ -184,7 +184,8 @@ def encode(
 
 @app.command()
 def search(
-    store_path: Path = typer.Argument(..., help="Gallery store directory"),
+    store_path: Optional[Path] = typer.Argument(None, help="Gallery store directory (searched here); or none, with --url"),
+    url: Optional[str] = typer.Option(None, "--url", help="Search on an `engine serve` server instead of a local STORE, e.g. http://127.0.0.1:8080"),
     queries: Path = typer.Option(..., "--queries", help="Query vectors: Q.npy (with its .json sidecar) or a store"),
     k: int = typer.Option(100, "-k", min=1, help="Results per query (at most the store's row count)"),
     out_path: Path = typer.Option(..., "--out", help="RESULT.npz with ids (Q x k int64) and scores (Q x k float32)"),
@@ -196,11 +197,29 @@ def search(
     threads: int = typer.Option(0, "--threads", min=0, help="Search threads (0: all cores)"),
     device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="cpu, or cuda[:N] with --backend torch (the GPU search path)"),
 ):
-    """Top-k by inner product of each query against a store (exact by default)."""
+    """Top-k by inner product of each query against a store (exact by default).
+
+    Two forms: `engine search STORE --queries Q.npy ...` searches here; `engine search --url URL --queries Q.npy ...`
+    asks a running `engine serve` (the same results; --backend, --threads and --device are then the server's).
+    """
     opt.output_file(out_path)
-    opt.require_device(device)
+    if bool(store_path) == bool(url):
+        raise EngineError("give exactly one of STORE (search here) and --url (search on a server)")
     from ..encode import load_vectors
     from ..results import save_results
+
+    if url:
+        if (backend, threads, device) != ("engine", 0, "cpu"):
+            raise EngineError("--backend, --threads and --device choose how a local search runs: with --url the server decides")
+        from ..serve.client import Client
+
+        q, meta = load_vectors(queries)
+        with Client(url) as client:
+            scores, ids = client.search(q, k, scan=scan, rescore=rescore, space=meta.get("space"), names=False)
+        save_results(out_path, ids, scores)
+        console.print(f"wrote top-{ids.shape[1]} from {url} for {len(q)} queries to {out_path}")
+        return
+    opt.require_device(device)
     from ..search import search as run_search
     from ..store import open_store
 
@@ -211,6 +230,41 @@ def search(
                              device=device)
     save_results(out_path, ids, scores)
     console.print(f"wrote top-{ids.shape[1]} of {store.count} for {len(q)} queries to {out_path}")
+
+
+@app.command()
+def serve(
+    store_paths: list[Path] = typer.Argument(..., help="Gallery store directories, taken as one gallery (same space and D)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port to listen on"),
+    model: Optional[str] = typer.Option(None, "--model", help="Query encoder for /search/image: a trained student's checkpoint (checkpoint:PATH or PATH) or a teacher"),
+    student: Optional[str] = typer.Option(None, "--student", **opt.STUDENT,
+                                          help="Query encoder for /search/image: an untrained student architecture, mapped into the first store's space"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file for the query encoder's backbone ('random' for random init)"),
+    max_side: int = typer.Option(MAX_SIDE, "--max-side", min=MIN_SIDE, help=MAX_SIDE_HELP),
+    runner: str = typer.Option("auto", "--runner", **opt.RUNNER,
+                               help="Inference runner, one of engine.backends.BACKENDS (auto: onnxruntime on CPU, torch on CUDA)"),
+    device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="Where the query encoder runs: cpu, cuda or cuda:N"),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most queries scanned as one block (concurrent requests batched)"),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", callback=opt.number(0, 1000), help="Longest a request waits for others to share its block (ms)"),
+    blocks: int = typer.Option(2, "--blocks", min=1, max=64, help="Query blocks scanned at once (each scan already uses every core)"),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", callback=opt.number(0, 1024, open_min=True), help="Largest request body read (MiB); larger ones are refused with 413"),
+    max_k: int = typer.Option(10_000, "--max-k", min=1, help="Largest k a request may ask for (a larger one is refused; k above the gallery size gets the gallery)"),
+):
+    """Serve searches over HTTP: POST /search, POST /search/image, GET /health, GET /stats, POST /reload (engine/serve/app.py)."""
+    opt.require_device(device)
+    from ..index import Index
+    from ..serve.app import QueryEncoder, ServeConfig, serve as run_server
+
+    index = Index(store_paths)
+    encoder = None
+    if model or student:
+        enc = resolve_encoder(model, student, str(store_paths[0]), weights)
+        encoder = QueryEncoder(enc, max_side, runner, device)
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, blocks=blocks, max_body_mb=max_body_mb, max_k=max_k)
+    console.print(f"serving {index.count} x {index.dim} (space {index.space}) on http://{host}:{port}"
+                  f"{f'; images encoded by {encoder.encoder.name}' if encoder else ''}")
+    run_server(index, host, port, config, encoder)
 
 
 def load_ranks(path: Path, n_gallery: int) -> np.ndarray:
