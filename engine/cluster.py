@@ -177,6 +177,8 @@ class ShardGroups:
     def store(self) -> Store:
         return self._store
 
+    stores: list[Store] = property(lambda self: [self._store])  # as engine.Index: the service reads stores[0]
+
     count: int = property(lambda self: self._store.count)
     dim: int = property(lambda self: self._store.dim)
     space: str = property(lambda self: self._store.space)

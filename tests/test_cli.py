@@ -193,6 +193,7 @@ def test_option_defaults_are_the_library_defaults():
 
     from engine import cli, export, images, store
     from engine.cli.options import parse_scales
+    from engine.cluster import ShardGroups
     from engine.datasets.views import build_views
     from engine.encode import EncodeOptions
     from training.trainer import TrainConfig
@@ -214,6 +215,9 @@ def test_option_defaults_are_the_library_defaults():
     assert all(p.default == cli.AUTO_WORKERS for cmd, p in all_params() if p.name == "workers")
     assert (cli.MAX_SIDE, cli.MIN_SIDE, cli.SHARD_ROWS) == (images.DEFAULT_MAX_SIDE, images.MIN_SIDE, store.DEFAULT_SHARD_ROWS)
     assert all(p.default == cli.SHARD_ROWS for cmd, p in all_params() if p.name == "shard_rows")
+    groups = inspect.signature(ShardGroups).parameters
+    serve = command_params("engine serve")
+    assert (serve["groups"].default, serve["replicas"].default) == (groups["groups"].default, groups["replicas"].default)
     ex = command_params("engine export")
     assert (ex["min_batch"].default, ex["min_side"].default) == export.TRT_MIN
     assert (ex["opt_batch"].default, ex["opt_side"].default) == export.TRT_OPT

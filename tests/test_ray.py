@@ -183,3 +183,21 @@ def test_a_missing_store_or_bad_sizes_are_refused_before_any_actor(tmp_path):
         ShardGroups(tmp_path / "none", address="unused:1")
     with pytest.raises(EngineError, match="groups"):
         ShardGroups(tmp_path / "none", address="unused:1", groups=0)
+
+
+def test_the_service_over_shard_groups_answers_as_in_process_search(groups, store_path, queries):
+    """`engine serve --ray`: the HTTP service is the same thin layer over ShardGroups as over an Index."""
+    from engine.serve.app import ServeConfig, create_app
+    from engine.serve.client import Client
+    from test_serve import Server
+
+    server = Server(create_app(groups, ServeConfig(max_wait_ms=5)))
+    try:
+        client = Client(server.url)
+        want = search(open_store(store_path), queries[:8], 10)
+        got = client.search(queries[:8], 10)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert client.stats()["count"] == N
+    finally:
+        server.stop()

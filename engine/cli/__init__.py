@@ -39,6 +39,7 @@ MAX_SIDE = 362  # engine.images.DEFAULT_MAX_SIDE
 MIN_SIDE = 32  # engine.images.MIN_SIDE: a smaller image leaves the trunk no feature map to pool
 AUTO_WORKERS = -1  # the command's "half the cores" (engine.encode.default_workers)
 SHARD_ROWS = 65536  # engine.store.DEFAULT_SHARD_ROWS
+SHARD_GROUPS, GROUP_REPLICAS = 2, 2  # engine.cluster.ShardGroups' groups and replicas (Ray is imported only with --ray)
 MAX_SIDE_HELP = "Longest image side in pixels (images are resized to it)"
 WORKERS_HELP = "Image decoding threads (-1: half the cores, 0: decode between forward passes)"
 
@@ -250,13 +251,23 @@ def serve(
     blocks: int = typer.Option(2, "--blocks", min=1, max=64, help="Query blocks scanned at once (each scan already uses every core)"),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", callback=opt.number(0, 1024, open_min=True), help="Largest request body read (MiB); larger ones are refused with 413"),
     max_k: int = typer.Option(10_000, "--max-k", min=1, help="Largest k a request may ask for (a larger one is refused; k above the gallery size gets the gallery)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Serve from shard groups on a Ray cluster: its address (HOST:6379, auto), or 'local' to start Ray on this machine"),
+    groups: int = typer.Option(SHARD_GROUPS, "--groups", min=1, help="With --ray: shard groups the store's shards are split into (shard i -> group i % G)"),
+    replicas: int = typer.Option(GROUP_REPLICAS, "--replicas", min=1, help="With --ray: actors holding each shard group, on different nodes where there are several"),
 ):
     """Serve searches over HTTP: POST /search, POST /search/image, GET /health, GET /stats, POST /reload (engine/serve/app.py)."""
     opt.require_device(device)
     from ..index import Index
     from ..serve.app import QueryEncoder, ServeConfig, serve as run_server
 
-    index = Index(store_paths)
+    if ray_address is not None:
+        if len(store_paths) != 1:
+            raise EngineError("--ray serves one store: give exactly one STORE")
+        from ..cluster import ShardGroups
+
+        index = ShardGroups(store_paths[0], address=ray_address, groups=groups, replicas=replicas)
+    else:
+        index = Index(store_paths)
     encoder = None
     if model or student:
         enc = resolve_encoder(model, student, str(store_paths[0]), weights)
@@ -264,7 +275,11 @@ def serve(
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, blocks=blocks, max_body_mb=max_body_mb, max_k=max_k)
     console.print(f"serving {index.count} x {index.dim} (space {index.space}) on http://{host}:{port}"
                   f"{f'; images encoded by {encoder.encoder.name}' if encoder else ''}")
-    run_server(index, host, port, config, encoder)
+    try:
+        run_server(index, host, port, config, encoder)
+    finally:
+        if ray_address is not None:
+            index.close()  # the actors and, when it started one, the local Ray
 
 
 def load_ranks(path: Path, n_gallery: int) -> np.ndarray:
