@@ -163,6 +163,17 @@ def test_deleted_rows_are_never_returned(gallery, tombstones, options):
     assert_exact(s, np.searchsorted(live, i), q, g[live], 15)
 
 
+def test_a_shard_group_keeps_only_its_own_deleted_rows(gallery, tombstones):
+    stores, g, q = gallery
+    gone, _ = tombstones
+    group = Index([stores[0].path], shards=[0, 2])  # rows 0-127 and 256-383: 5 and 2 of them deleted
+    live = np.setdiff1d(np.r_[0:128, 256:384], gone)
+    assert group.count == len(live) == 249
+    s, i = group.search(q, 300, scan="float32")
+    assert i.shape == (len(q), 249) and (np.sort(i, axis=1) == live).all()
+    assert_exact(s, np.searchsorted(live, i), q, g[live], 300)
+
+
 def test_one_store_wholly_deleted(gallery, monkeypatch):
     stores, g, q = gallery
     monkeypatch.setattr(Store, "deleted_rows", lambda self: np.arange(self.count, dtype=np.int64))
