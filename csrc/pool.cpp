@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <thread>
+
 namespace aml {
 
 Pool& Pool::get() {
@@ -23,52 +26,58 @@ int Pool::hardware_threads() {
   return n ? static_cast<int>(n) : 1;
 }
 
-void Pool::grow(int n) {
-  while (static_cast<int>(threads_.size()) < n - 1) {
-    int w = static_cast<int>(threads_.size()) + 1;
-    threads_.emplace_back([this, w] { loop(w); });
-    threads_.back().detach();
-  }
+Pool::Stats Pool::stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return {running_, peak_, helpers_};
 }
 
-void Pool::loop(int w) {
-  uint64_t seen = 0;
+void Pool::grow(int helpers) {
+  for (; helpers_ < helpers; ++helpers_) std::thread([this] { loop(); }).detach();
+}
+
+Pool::Job* Pool::pick() {
+  // The open job with the fewest helpers: concurrent jobs share the helpers evenly as they free up.
+  Job* best = nullptr;
+  for (Job* job : open_)
+    if (best == nullptr || job->joined < best->joined) best = job;
+  return best;
+}
+
+void Pool::loop() {
+  std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    const std::function<void(int)>* job;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      start_cv_.wait(lk, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (w >= active_) continue;
-      job = job_;
+    Job* job = pick();
+    if (job == nullptr) {
+      work_cv_.wait(lk);
+      continue;
     }
+    const int w = ++job->joined;
+    if (job->joined == job->want) open_.remove(job);
+    lk.unlock();
+    std::exception_ptr error;
     try {
-      (*job)(w);
+      (*job->fn)(w);
     } catch (...) {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!error_) error_ = std::current_exception();
+      error = std::current_exception();
     }
-    std::lock_guard<std::mutex> lk(mu_);
-    if (--pending_ == 0) done_cv_.notify_all();
+    lk.lock();
+    if (error && !job->error) job->error = error;
+    // Notified under the lock: the job lives on its caller's stack until the caller, holding mu_, sees this.
+    if (++job->finished == job->joined) done_cv_.notify_all();
   }
 }
 
 void Pool::run(int n, const std::function<void(int)>& fn) {
-  if (n <= 1) {
-    fn(0);
-    return;
-  }
-  std::lock_guard<std::mutex> run_lock(run_mu_);
+  Job job{&fn, std::max(n, 1) - 1};
   {
     std::lock_guard<std::mutex> lk(mu_);
-    grow(n);
-    job_ = &fn;
-    active_ = n;
-    pending_ = n - 1;
-    error_ = nullptr;
-    ++generation_;
+    peak_ = std::max(peak_, ++running_);
+    if (job.want > 0) {
+      grow(job.want);
+      open_.push_back(&job);
+    }
   }
-  start_cv_.notify_all();
+  if (job.want > 0) work_cv_.notify_all();
   std::exception_ptr mine;
   try {
     fn(0);
@@ -76,9 +85,13 @@ void Pool::run(int n, const std::function<void(int)>& fn) {
     mine = std::current_exception();
   }
   std::unique_lock<std::mutex> lk(mu_);
-  done_cv_.wait(lk, [&] { return pending_ == 0; });
+  // The caller's part returned: the queue is drained, so no helper is let in any more; wait for those inside.
+  if (job.joined < job.want) open_.remove(&job);
+  done_cv_.wait(lk, [&] { return job.finished == job.joined; });
+  --running_;
+  lk.unlock();
   if (mine) std::rethrow_exception(mine);
-  if (error_) std::rethrow_exception(error_);
+  if (job.error) std::rethrow_exception(job.error);
 }
 
 }  // namespace aml

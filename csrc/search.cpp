@@ -6,8 +6,12 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu.h"
@@ -141,6 +145,43 @@ py::tuple search_shard(py::array queries, py::array vectors, const std::string& 
   return py::make_tuple(scores, ids);
 }
 
+py::dict pool_stats() {
+  const Pool::Stats st = Pool::get().stats();
+  py::dict out;
+  out["running"] = st.running;
+  out["peak"] = st.peak;
+  out["helpers"] = st.helpers;
+  return out;
+}
+
+// One pool job of `threads` workers whose caller waits, the GIL released, at a barrier inside the job until
+// `jobs` such calls are inside their jobs at once; true when they met, false after `timeout` seconds. Run from
+// `jobs` Python threads it shows that jobs run side by side, not one after the other (a test of the pool).
+bool pool_rendezvous(int64_t jobs, int threads, double timeout) {
+  if (jobs < 1) throw std::invalid_argument("jobs must be >= 1");
+  if (threads < 1 || threads > kMaxThreads) throw std::invalid_argument("threads must be 1 to " + std::to_string(kMaxThreads));
+  static std::mutex mu;
+  static std::condition_variable cv;
+  static int64_t arrived = 0, round = 0;  // calls waiting at the barrier; groups that met so far
+  py::gil_scoped_release release;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+  bool met = false;
+  Pool::get().run(threads, [&](int w) {
+    if (w != 0) return;
+    std::unique_lock<std::mutex> lk(mu);
+    const int64_t mine = round;
+    if (++arrived == jobs) {
+      arrived = 0;
+      ++round;
+      cv.notify_all();
+      met = true;
+    } else if (!(met = cv.wait_until(lk, until, [&] { return round != mine; }))) {
+      --arrived;  // gave up: leaves the barrier as it found it
+    }
+  });
+  return met;
+}
+
 std::vector<std::string> isa_levels() {
   std::vector<std::string> out;
   for (Isa isa : supported_isas()) out.emplace_back(isa_name(isa));
@@ -167,5 +208,12 @@ PYBIND11_MODULE(_search, m) {
         "The GIL is released while scanning.");
   m.def("isa_levels", &isa_levels, "Instruction-set tiers this CPU runs, lowest first (\"scalar\" always).");
   m.def("default_threads", &Pool::hardware_threads, "Threads used when threads = 0 (the machine's cores).");
+  m.def("pool_stats", &pool_stats,
+        "The thread pool now: {'running': jobs in it, 'peak': the most at once so far, 'helpers': threads started}.");
+  m.def("pool_rendezvous", &pool_rendezvous, py::arg("jobs"), py::arg("threads") = 2, py::arg("timeout") = 10.0,
+        "Runs one pool job of `threads` workers whose caller waits (GIL released) inside the job until `jobs` such\n"
+        "calls are inside theirs at once: True when they met, False after `timeout` seconds. Called from `jobs`\n"
+        "Python threads at once, every call returns True: jobs run side by side (a pool running one job at a time\n"
+        "would let one in and time out).");
   m.attr("MAX_THREADS") = kMaxThreads;
 }

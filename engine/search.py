@@ -9,13 +9,16 @@ rescored against the float32 copy, so returned scores and order are float32-exac
 is among the candidates (the benchmark reports how often: recall@100 >= 0.999 at the default factor).
 Every result row holds distinct real rows of the gallery, whatever the vectors hold: a NaN score (a gallery
 row holding NaN, or inf times 0) ranks after every number, by lower id (the torch backend may report such a
-row's score as -inf).
+row's score as -inf). Rows a store marks deleted (`Store.deleted_rows`) are never returned; the others keep
+their ids. One implementation: `search`, `search_stores` and the resident `engine.Index` all run
+`search_sources` over (store, shard views) sources, the one-shot calls mapping each shard as they reach it.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,6 +55,18 @@ def check_queries(store: Store, queries: np.ndarray, k: int, space: str | None =
         bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
         raise EngineError(f"query {bad} holds NaN or infinite values (or overflows float32)")
     return q
+
+
+def check_gallery(stores: Sequence[Store]) -> None:
+    """Stores searched as one gallery: at least one, all of one D and one embedding space."""
+    if not stores:
+        raise EngineError("no stores given")
+    first = stores[0]
+    for other in stores[1:]:
+        if other.dim != first.dim:
+            raise EngineError(f"store has D = {other.dim}, {first.path} has D = {first.dim}", other.path)
+        if other.space != first.space:
+            raise EngineError(f"store is in space {other.space!r}, {first.path} in {first.space!r}", other.path)
 
 
 def check_threads(threads: int, backend: str) -> None:
@@ -133,13 +148,6 @@ def best_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
 def merge_topk(scores_a, ids_a, scores_b, ids_b, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge two per-query top lists (Q x ka, Q x kb) into the k best (best_k's order)."""
     return best_k(np.concatenate([scores_a, scores_b], axis=1), np.concatenate([ids_a, ids_b], axis=1), k)
-
-
-def _shard_pairs(store: Store, scan: str, rescore: int) -> Iterator[tuple[ShardView, ShardView | None]]:
-    """Each shard of the scanned copy with, when rescoring, the same shard of the float32 copy (both mmap'd)."""
-    exact = store.shards("float32") if rescore else None
-    for view in store.shards(scan):
-        yield view, next(exact) if exact is not None else None
 
 
 def _rescore_np(q: np.ndarray, ids: np.ndarray, exact: ShardView, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +235,106 @@ def _search_shard(q, view, exact, k, rescore, backend, threads, isa, device):
     return best_k(s, i, k)  # the baselines' ties are in no set order
 
 
+def _search_live(q, view, exact, k, rescore, gone, backend, threads, isa, device):
+    """Top-k of one shard's rows but `gone` (its deleted rows, sorted local row numbers), ids local to it.
+
+    With d rows deleted the shard is asked for k + d (at most its rows): dropping the deleted leaves at least
+    k rows, or every live row, so the result is the live rows' own top k (in best_k's order).
+    """
+    if not len(gone):
+        return _search_shard(q, view, exact, k, rescore, backend, threads, isa, device)
+    s, i = _search_shard(q, view, exact, min(view.rows, k + len(gone)), rescore, backend, threads, isa, device)
+    deleted = gone[np.minimum(np.searchsorted(gone, i), len(gone) - 1)] == i
+    keep = np.argsort(deleted, axis=1, kind="stable")[:, : min(k, view.rows - len(gone))]  # live ones, in order
+    return np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One store as a search reads it.
+
+    store: the opened store (its D, space and copies); offset: the global id of its row 0 (the rows of the
+    stores before it); shards(dtype): its shard views of one copy, in row order (mapped as the search reaches
+    them, or held open by an Index; a subset of the store's shards is allowed); rows: the rows those shards
+    hold; deleted: sorted int64 row numbers of the store, within those shards, that are never returned.
+    """
+
+    store: Store
+    offset: int
+    shards: Callable[[str], Iterable[ShardView]]
+    rows: int
+    deleted: np.ndarray
+
+    @property
+    def live(self) -> int:
+        """The rows a search may return."""
+        return self.rows - len(self.deleted)
+
+    def pairs(self, scan: str, rescore: int) -> Iterator[tuple[ShardView, ShardView | None, np.ndarray]]:
+        """Each shard of the scanned copy with, when rescoring, the same shard of the float32 copy, and its
+        deleted rows (sorted, local to the shard)."""
+        exact = iter(self.shards("float32")) if rescore else None
+        for view in self.shards(scan):
+            lo, hi = np.searchsorted(self.deleted, [view.start, view.start + view.rows])
+            yield view, next(exact) if exact is not None else None, self.deleted[lo:hi] - view.start
+
+
+def store_sources(stores: Sequence[Store]) -> list[Source]:
+    """The stores as one gallery for a single search: every shard, mapped when the search reaches it."""
+    out, offset = [], 0
+    for store in stores:
+        deleted = np.asarray(store.deleted_rows(), dtype=np.int64)
+        out.append(Source(store, offset, store.shards, store.count, deleted))
+        offset += store.count
+    return out
+
+
+def search_sources(
+    sources: Sequence[Source],
+    queries: np.ndarray,
+    k: int,
+    space: str | None = None,
+    scan: str | None = None,
+    rescore: int | None = None,
+    backend: str = "engine",
+    threads: int = 0,
+    isa: str = "auto",
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over sources taken as one gallery: the one search that `search`, `search_stores` and `Index` run.
+
+    Options as in `search`, each store planning its own scan (plan_scan). Every error is raised before any work.
+    Returns (scores float32 Q x k', ids int64 Q x k'), k' = min(k, rows not deleted), ids being
+    `source.offset` + the store's row number; deleted rows are never returned.
+    """
+    check_gallery([src.store for src in sources])
+    plans = []
+    for src in sources:
+        q = check_queries(src.store, queries, k, space)
+        plans.append(plan_scan(src.store, scan, rescore))
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    check_threads(threads, backend)
+    check_device(backend, device)
+    live = sum(src.live for src in sources)
+    if live == 0:
+        raise EngineError("every row of the gallery was removed: nothing to search", sources[0].store.path)
+    k = check_result_size(len(q), int(k), live)
+    scores = np.zeros((len(q), 0), np.float32)
+    ids = np.zeros((len(q), 0), np.int64)
+    for src, (dtype, r) in zip(sources, plans):
+        if src.live == 0:
+            continue
+        ks = min(k, src.live)
+        r = min(r, -(-src.live // ks))  # ks * r <= live + ks: no overflow downstream
+        for view, exact, gone in src.pairs(dtype, r):
+            if view.rows == len(gone):
+                continue
+            s, i = _search_live(q, view, exact, ks, r, gone, backend, int(threads), isa, device)
+            scores, ids = merge_topk(scores, ids, s, i + (src.offset + view.start), k)
+    return scores, ids
+
+
 def search(
     store: Store,
     queries: np.ndarray,
@@ -248,25 +356,13 @@ def search(
     faiss or torch; threads: 0 = all cores; isa: the engine's instruction set (auto or one of
     engine._search.isa_levels()); device: where the torch backend scores ("cpu", "cuda", "cuda:1"; faiss uses
     its GPU build by itself when it has one). Shards are memory-mapped one at a time, never the whole store.
-    Returns (scores float32 Q x k', ids int64 Q x k'), k' = min(k, store.count), best first, ties by lower
-    id (NaN scores last), ids being distinct row numbers of the store. Any k >= 1 is accepted: one above the
-    store's count is taken as the count, and a rescoring factor beyond the count's worth of candidates as that
-    (k * rescore never needs more than every row); a result larger than this machine's memory is refused.
+    Returns (scores float32 Q x k', ids int64 Q x k'), k' = min(k, rows not deleted), best first, ties by
+    lower id (NaN scores last), ids being distinct row numbers of the store, never a deleted one
+    (`store.deleted_rows()`). Any k >= 1 is accepted: one above the store's count is taken as the count, and a
+    rescoring factor beyond the count's worth of candidates as that (k * rescore never needs more than every
+    row); a result larger than this machine's memory is refused. A one-shot use of `search_sources`.
     """
-    q = check_queries(store, queries, k, space)
-    scan, rescore = plan_scan(store, scan, rescore)
-    if backend not in BACKENDS:
-        raise EngineError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    check_threads(threads, backend)
-    check_device(backend, device)
-    k = check_result_size(len(q), int(k), store.count)
-    rescore = min(rescore, -(-store.count // k))  # k * rescore <= count + k: no overflow downstream
-    scores = np.zeros((len(q), 0), np.float32)
-    ids = np.zeros((len(q), 0), np.int64)
-    for view, exact in _shard_pairs(store, scan, rescore):
-        s, i = _search_shard(q, view, exact, k, rescore, backend, int(threads), isa, device)
-        scores, ids = merge_topk(scores, ids, s, i + view.start, k)
-    return scores, ids
+    return search_sources(store_sources([store]), queries, k, space, scan, rescore, backend, threads, isa, device)
 
 
 def search_stores(
@@ -275,27 +371,9 @@ def search_stores(
     """Top-k over several stores taken as one gallery, their rows concatenated in the order given.
 
     All stores must share D and embedding space. Options are those of `search`. Returns (scores float32
-    Q x k', ids int64 Q x k'), k' = min(k, total count); an id is a global row number over the
+    Q x k', ids int64 Q x k'), k' = min(k, total rows not deleted); an id is a global row number over the
     concatenation: row r of stores[s] has id sum(stores[:s].count) + r (`np.searchsorted` on the cumulative
-    counts recovers the store).
+    counts recovers the store). A one-shot use of `search_sources`.
     """
-    if not stores:
-        raise EngineError("no stores given")
-    first = stores[0]
-    for other in stores[1:]:
-        if other.dim != first.dim:
-            raise EngineError(f"store has D = {other.dim}, {first.path} has D = {first.dim}", other.path)
-        if other.space != first.space:
-            raise EngineError(f"store is in space {other.space!r}, {first.path} in {first.space!r}", other.path)
-    for store in stores:  # every error before any work
-        q = check_queries(store, queries, k, space)
-        plan_scan(store, options.get("scan"), options.get("rescore"))
-    k = check_result_size(len(q), int(k), sum(store.count for store in stores))
-    scores = ids = None
-    offset = 0
-    for store in stores:
-        s, i = search(store, queries, k, space, **options)
-        scores, ids = (s, i + offset) if scores is None else merge_topk(scores, ids, s, i + offset, k)
-        offset += store.count
-    return scores, ids
-
+    check_gallery(stores)
+    return search_sources(store_sources(stores), queries, k, space, **options)
