@@ -33,9 +33,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .checks import check_int
 from .errors import EngineError
-from .search import (
-    _search_shard, _shard_pairs, best_k, check_queries, check_result_size, check_threads, merge_topk, plan_scan,
-)
+from .index import Index
+from .search import best_k, check_queries, check_result_size, check_threads, plan_scan
 from .store import Store, open_store
 
 RETRY_S = 60.0  # how long a group's query waits for any replica to be alive again before it is refused
@@ -46,32 +45,6 @@ GENERATION_TRIES = 3  # whole-query retries when parts came from different store
 def group_shards(n_shards: int, group: int, groups: int) -> list[int]:
     """The shard numbers (of n_shards) that group `group` of `groups` holds: group, group + G, group + 2G, ..."""
     return list(range(group, n_shards, groups))
-
-
-class _ShardSubset:
-    """Some shards of one store, kept mapped, searched exactly as `engine.search` searches the whole store
-    (the same checks, k and rescoring clamps), ids global. Stands in for `engine.Index([path], shards=...)`."""
-
-    def __init__(self, store: Store, shards: list[int]):
-        self.store = store
-        self.shards = set(shards)
-        self._pairs: dict[tuple[str, bool], list] = {}  # (scan dtype, rescored) -> the group's mapped shard pairs
-        self.generation = (store.generation,)
-
-    def search(self, queries, k, space=None, scan=None, rescore=None, threads=0, isa="auto"):
-        store = self.store
-        q = check_queries(store, queries, k, space)
-        scan, rescore = plan_scan(store, scan, rescore)
-        k = check_result_size(len(q), int(k), store.count)
-        rescore = min(rescore, -(-store.count // k))  # engine.search's clamp, over the whole store's count
-        key = (scan, bool(rescore))
-        if key not in self._pairs:
-            self._pairs[key] = [p for p in _shard_pairs(store, scan, rescore) if p[0].index in self.shards]
-        scores, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        for view, exact in self._pairs[key]:
-            s, i = _search_shard(q, view, exact, k, rescore, "engine", threads, isa, "cpu")
-            scores, ids = merge_topk(scores, ids, s, i + view.start, k)
-        return scores, ids
 
 
 class GroupHolder:
@@ -87,7 +60,7 @@ class GroupHolder:
     def _open(self) -> None:
         store = open_store(self.path)
         shards = group_shards(len(store.manifest["shards"]), self.group, self.groups)
-        self.index = _ShardSubset(store, shards)  # -> Index([store], shards=shards) once engine.Index takes shards=
+        self.index = Index([store], shards=shards)  # resident; ids stay the store's row numbers
         self.generation = store.generation
         self.rows = sum(store.manifest["shards"][i]["rows"] for i in shards)
 
