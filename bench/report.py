@@ -1,0 +1,249 @@
+"""The benchmark suites' one report: per-method records, the terminal table, plots, RESULTS.md sections.
+
+A suite describes each timed method of a case as one record (a dict, schema SCHEMA) through the `bench_report`
+fixture of bench/conftest.py; the record lands in the benchmark's extra_info["report"] (so in
+`--benchmark-json`), in the terminal table printed at the end of the run, in `<bench-out>/<suites>.json` and in
+the plots beside it. Record fields:
+  suite, case (str), params (dict: the case's sizes, the bounds measured), method, baseline (the method of the same
+  case every ratio is to), unit ("queries/s", "images/s", "calls/s"), rate (median over rounds), ratio (rate over
+  the baseline's: of the medians of the same interleaved rounds, or of separate benchmarks when a suite times its
+  methods apart; None when the case has no baseline), ratio_rounds ([lo, hi] of one round's ratios, interleaved
+  suites only), bound_fraction (the fraction of the measured memory or compute bound reached, None when unmeasured),
+  bound_kind ("memory" / "compute"), recall (None when not a search), spread ((max - min) / median of the round
+  times), rounds (seconds per round).
+A new suite plugs in with `bench_report.add(benchmark, suite, case, [record(...), ...])`.
+
+Run as a script: `python bench/report.py --update-results RUN.json [--results bench/RESULTS.md]` rewrites, in
+RESULTS.md, the section of each suite found in RUN.json (a `--benchmark-json` file or a `<bench-out>` report).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+from pathlib import Path
+
+SCHEMA = 1
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTIONS = {"search": "Search", "encode": "Encoding throughput", "head": "Descriptor head throughput",
+            "serve": "Serving throughput"}
+
+
+def machine() -> str:
+    """The CPU's model name and logical CPU count, e.g. 'Intel(R) Xeon(R) ..., 2 logical CPUs'."""
+    name = None
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical CPUs"
+
+
+def spread(times: list[float]) -> float:
+    """(max - min) / median of a method's round times: 0.1 means the rounds ranged over 10 % of the median."""
+    return (max(times) - min(times)) / statistics.median(times) if times else 0.0
+
+
+def record(method: str, rate: float, times: list[float], *, baseline: str | None, unit: str,
+           ratio: float | None = None, ratio_rounds: list[float] | None = None, bound_fraction: float | None = None,
+           bound_kind: str | None = None, recall: float | None = None) -> dict:
+    """One method's figures (see the module docstring); suite, case and params are filled in by `add`."""
+    return {"method": method, "baseline": baseline, "unit": unit, "rate": rate, "ratio": ratio,
+            "ratio_rounds": ratio_rounds, "bound_fraction": bound_fraction, "bound_kind": bound_kind,
+            "recall": recall, "spread": spread(times), "rounds": list(times)}
+
+
+def interleaved_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, list[float]]]:
+    """For round times of methods run in the same rounds (name -> seconds per round): each method's ratio of
+    median rates to the baseline's, and the [lo, hi] range of one round's ratio."""
+    base = times[baseline]
+    out = {}
+    for m, t in times.items():
+        per_round = [tb / ta for ta, tb in zip(t, base)]
+        out[m] = (statistics.median(base) / statistics.median(t), [min(per_round), max(per_round)])
+    return out
+
+
+def fill_ratios(records: list[dict]) -> None:
+    """Give every record without a ratio the ratio of its rate to its case's baseline record (suites that time
+    their methods as separate benchmarks); a case whose baseline did not run keeps None."""
+    rates = {(r["suite"], r["case"], r["method"]): r["rate"] for r in records}
+    for r in records:
+        base = rates.get((r["suite"], r["case"], r["baseline"]))
+        if r["ratio"] is None and base:
+            r["ratio"] = r["rate"] / base
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def table(records: list[dict]) -> list[str]:
+    """The terminal table: one row per method of each case, columns aligned."""
+    header = ["suite", "case", "method", "rate", "unit", "vs base", "rounds vs base", "bound", "recall", "spread"]
+    rows = []
+    for r in records:
+        rr = r.get("ratio_rounds")
+        bound = None if r["bound_fraction"] is None else f"{r['bound_fraction']:.2f} {r['bound_kind']}"
+        rows.append([r["suite"], r["case"], r["method"], f"{r['rate']:.0f}" if r["rate"] >= 100 else f"{r['rate']:.3g}", r["unit"],
+                     "base" if r["method"] == r["baseline"] else _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] else ""),
+                     "-" if not rr or r["method"] == r["baseline"] else f"{rr[0]:.2f}-{rr[1]:.2f}x",
+                     bound or "-", "-" if r["recall"] is None or r["recall"] >= 0.9995 else f"{r['recall']:.4f}",
+                     f"{100 * r['spread']:.0f}%"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+LEGEND = ("rate: median over the rounds; vs base: rate / the baseline's (the case's row marked 'base': faiss-flat "
+          "for search, eager for head, the bare forward or torch for encode); rounds vs base: the range of one "
+          "round's ratio (methods interleaved round by round); bound: the fraction of the measured memory-read or "
+          "compute bound reached; recall: recall@k when below 1; spread: (max - min) / median of the round times.")
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    """A RESULTS.md section per suite of `records`, each a markdown table of the terminal table's columns."""
+    out = []
+    for suite in dict.fromkeys(r["suite"] for r in records):
+        lines = table([r for r in records if r["suite"] == suite])
+        cells = [re.split(r"\s{2,}", line) for line in lines]
+        out += [f"## {SECTIONS.get(suite, suite)}", "",
+                f"{meta['date'][:10]}, {meta['machine']}. {LEGEND}", "",
+                "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+        out += ["| " + " | ".join(c) + " |" for c in cells[1:]] + [""]
+    return "\n".join(out)
+
+
+def update_results(records: list[dict], meta: dict, results: Path = RESULTS) -> None:
+    """Replace (or append) each suite's section of `results`, leaving every other section as it is."""
+    from engine.files import write_text
+
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    for section in markdown(records, meta).split("\n## "):
+        section = section if section.startswith("## ") else "## " + section
+        title = section.splitlines()[0]
+        pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+        body = section.rstrip("\n") + "\n\n"
+        text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    write_text(results, text.rstrip("\n") + "\n")
+
+
+def meta_now() -> dict:
+    """The machine and the date (UTC, ISO 8601) stamped on every record set."""
+    return {"schema": SCHEMA, "machine": machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def load(path: Path) -> tuple[list[dict], dict]:
+    """The records and (schema, machine, date) of a run: a `--benchmark-json` file or a `<bench-out>` report."""
+    data = json.loads(Path(path).read_text())
+    if "benchmarks" in data:
+        reports = [b["extra_info"]["report"] for b in data["benchmarks"] if "report" in b.get("extra_info", {})]
+        if not reports:
+            raise SystemExit(f"{path}: no benchmark carries extra_info.report (run with bench/conftest.py)")
+        records = [r for rep in reports for r in rep["records"]]
+        meta = {k: reports[0][k] for k in ("schema", "machine", "date")}
+    else:
+        records, meta = data["records"], {k: data[k] for k in ("schema", "machine", "date")}
+    if meta["schema"] != SCHEMA:
+        raise SystemExit(f"{path}: report schema {meta['schema']}, this script reads {SCHEMA}")
+    return records, meta
+
+
+def plot_search(records: list[dict], out: Path) -> list[Path]:
+    """queries/s against Q, log axes, one line per method, one PNG per (N, D): search-N<N>-D<D>.png. The bound
+    is drawn per bytes-per-value scanned: Q / max(bytes / read bandwidth, 2 Q N D / fp32 peak)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    by_nd: dict = {}
+    for r in records:
+        if r["suite"] == "search":
+            by_nd.setdefault((r["params"]["N"], r["params"]["D"]), []).append(r)
+    for (n, d), rs in by_nd.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        qs = sorted({r["params"]["Q"] for r in rs})
+        for m in dict.fromkeys(r["method"] for r in rs):
+            pts = sorted((r["params"]["Q"], r["rate"]) for r in rs if r["method"] == m)
+            ax.plot(*zip(*pts), marker="o", label=m)
+        p = rs[0]["params"]
+        grid = [qs[0] * (qs[-1] / qs[0]) ** (i / 50) for i in range(51)] if len(qs) > 1 else qs
+        for nbytes, style in ((4, "-"), (1, ":")):
+            bound = [q / max(n * d * nbytes / (p["mem_read_GBps"] * 1e9), 2 * q * n * d / (p["fp32_peak_GFLOPs"] * 1e9))
+                     for q in grid]
+            ax.plot(grid, bound, "k" + style, lw=1, label=f"bound, {nbytes} B/value scanned")
+        ax.set(xscale="log", yscale="log", xlabel="Q (queries per call)", ylabel="queries/s",
+               title=f"top-100 search, N = {n}, D = {d}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / f"search-N{n}-D{d}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def plot_rates(records: list[dict], suite: str, out: Path) -> list[Path]:
+    """A bar chart of each case's methods' rates (encode: images/s per encoder and backend): <suite>.png."""
+    rs = [r for r in records if r["suite"] == suite]
+    if not rs:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rs))
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cases)), 4.5))
+    for i, m in enumerate(methods):
+        pts = [(cases.index(r["case"]), r["rate"]) for r in rs if r["method"] == m]
+        ax.bar([c + (i - (len(methods) - 1) / 2) * width for c, _ in pts], [v for _, v in pts], width, label=m)
+    ax.set_xticks(range(len(cases)), cases, rotation=20, ha="right", fontsize=7)
+    ax.set(ylabel=rs[0]["unit"], title=f"{suite}: {rs[0]['unit']} per case and method")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"{suite}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def write_outputs(records: list[dict], meta: dict, out: Path) -> list[Path]:
+    """The report JSON (<suites>.json: meta + records) and the plots under `out`; returns the paths written."""
+    from engine.files import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    suites = list(dict.fromkeys(r["suite"] for r in records))
+    path = out / f"{'-'.join(suites)}.json"
+    write_text(path, json.dumps({**meta, "records": records}, indent=1) + "\n")
+    paths = [path] + plot_search(records, out)
+    for suite in suites:
+        if suite != "search":
+            paths += plot_rates(records, suite, out)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--update-results", metavar="RUN.json", type=Path, required=True,
+                        help="a --benchmark-json file or a <bench-out>/<suites>.json report")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
+    args = parser.parse_args(argv)
+    records, meta = load(args.update_results)
+    fill_ratios(records)
+    update_results(records, meta, args.results)
+    print(f"{args.results}: updated the {', '.join(dict.fromkeys(r['suite'] for r in records))} section(s)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, when run from elsewhere
+    main()
