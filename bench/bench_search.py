@@ -76,20 +76,23 @@ def best_time(fn, rounds=5) -> float:
     return min(times)
 
 
+PROBE_MIB = int(os.environ.get("AML_BENCH_PROBE_MIB", "1024"))  # far beyond the caches; tests make it small
+
+
 @pytest.fixture(scope="session")
 def bounds():
-    """Measured memory read bandwidth (GB/s, all cores, 1 GiB: the faster of numpy xor-reduce and torch sum)
-    and float32 matmul peak (GFLOP/s, torch, all cores)."""
+    """Measured memory read bandwidth (GB/s, all cores, AML_BENCH_PROBE_MIB = 1 GiB: the faster of numpy xor-reduce
+    and torch sum) and float32 matmul peak (GFLOP/s, torch, all cores)."""
     import torch
 
     threads = _search.default_threads()
-    a = np.ones(1 << 27, np.uint64)  # 1 GiB
+    a = np.ones(PROBE_MIB << 17, np.uint64)
     parts = np.array_split(a, threads)
     with ThreadPoolExecutor(threads) as ex:  # numpy reductions release the GIL
         t = best_time(lambda: list(ex.map(np.bitwise_xor.reduce, parts)))
     bandwidth = a.nbytes / t / 1e9
     del a, parts
-    f = torch.ones(1 << 28)  # 1 GiB
+    f = torch.ones(PROBE_MIB << 18)
     bandwidth = max(bandwidth, f.numel() * 4 / best_time(lambda: f.sum()) / 1e9)
     del f
     m = torch.randn(2048, 2048)

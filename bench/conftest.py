@@ -6,6 +6,9 @@ step for recording figures; `python bench/report.py --update-results RUN.json` d
 """
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import report
 
 RECORDS = pytest.StashKey[list]()
 OUTPUTS = pytest.StashKey[list]()
+META = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser):
@@ -26,14 +30,16 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[RECORDS] = []
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("AML_")]
+    config.stash[META] = report.meta_now(" ".join(env + ["pytest", *map(shlex.quote, sys.argv[1:])]))
 
 
 class Reporter:
     """What a suite calls once per benchmark: add(benchmark, suite, case, records, **params)."""
 
-    def __init__(self, records: list[dict]):
+    def __init__(self, records: list[dict], meta: dict):
         self.records = records
-        self.meta = report.meta_now()
+        self.meta = meta
 
     def add(self, benchmark, suite: str, case: str, records: list[dict], **params) -> None:
         """Stamp `records` (report.record dicts) with suite, case and params, keep them for the table, and put
@@ -46,7 +52,7 @@ class Reporter:
 
 @pytest.fixture(scope="session")
 def bench_report(request) -> Reporter:
-    return Reporter(request.config.stash[RECORDS])
+    return Reporter(request.config.stash[RECORDS], request.config.stash[META])
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -55,7 +61,7 @@ def pytest_sessionfinish(session):
     records = session.config.stash[RECORDS]
     report.fill_ratios(records)
     if records:
-        meta = report.meta_now()
+        meta = session.config.stash[META]
         session.config.stash[OUTPUTS] = report.write_outputs(records, meta, Path(session.config.getoption("bench_out")))
         if session.config.getoption("update_results"):
             report.update_results(records, meta)
@@ -68,6 +74,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if not records:
         return
     terminalreporter.section("benchmark report: every method of every case")
+    for suite in dict.fromkeys(r["suite"] for r in records):
+        terminalreporter.write_line(f"{suite}: {report.common_params([r for r in records if r['suite'] == suite])}")
     for line in report.table(records):
         terminalreporter.write_line(line)
     terminalreporter.write_line(report.LEGEND)

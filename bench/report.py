@@ -30,8 +30,9 @@ from pathlib import Path
 
 SCHEMA = 1
 RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTIONS = {"search": "Search", "encode": "Encoding throughput", "head": "Descriptor head throughput",
-            "serve": "Serving throughput"}
+# RESULTS.md titles of the generated sections: apart from the hand-written ones, which an update never touches.
+SECTIONS = {"search": "Search: recorded run", "encode": "Encoding: recorded run", "head": "Descriptor head: recorded run",
+            "serve": "Serving: recorded run"}
 
 
 def machine() -> str:
@@ -83,6 +84,19 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
+def rate_text(rate: float) -> str:
+    """A rate as read in a table: whole numbers from 100 up, three significant digits below."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
+def common_params(records: list[dict]) -> str:
+    """The params that every record of `records` shares (k, the measured bounds, the device...) as 'k=v, ...'."""
+    shared = dict(records[0]["params"])
+    for r in records[1:]:
+        shared = {k: v for k, v in shared.items() if r["params"].get(k) == v}
+    return ", ".join(f"{k}={v}" for k, v in shared.items() if not isinstance(v, (list, dict)))
+
+
 def table(records: list[dict]) -> list[str]:
     """The terminal table: one row per method of each case, columns aligned."""
     header = ["suite", "case", "method", "rate", "unit", "vs base", "rounds vs base", "bound", "recall", "spread"]
@@ -90,7 +104,7 @@ def table(records: list[dict]) -> list[str]:
     for r in records:
         rr = r.get("ratio_rounds")
         bound = None if r["bound_fraction"] is None else f"{r['bound_fraction']:.2f} {r['bound_kind']}"
-        rows.append([r["suite"], r["case"], r["method"], f"{r['rate']:.0f}" if r["rate"] >= 100 else f"{r['rate']:.3g}", r["unit"],
+        rows.append([r["suite"], r["case"], r["method"], rate_text(r["rate"]), r["unit"],
                      "base" if r["method"] == r["baseline"] else _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] else ""),
                      "-" if not rr or r["method"] == r["baseline"] else f"{rr[0]:.2f}-{rr[1]:.2f}x",
                      bound or "-", "-" if r["recall"] is None or r["recall"] >= 0.9995 else f"{r['recall']:.4f}",
@@ -112,7 +126,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         lines = table([r for r in records if r["suite"] == suite])
         cells = [re.split(r"\s{2,}", line) for line in lines]
         out += [f"## {SECTIONS.get(suite, suite)}", "",
-                f"{meta['date'][:10]}, {meta['machine']}. {LEGEND}", "",
+                f"{meta['date']}, {meta['machine']}; `{meta['command']}`; "
+                f"{common_params([r for r in records if r['suite'] == suite])}.", "", LEGEND, "",
                 "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
         out += ["| " + " | ".join(c) + " |" for c in cells[1:]] + [""]
     return "\n".join(out)
@@ -132,9 +147,9 @@ def update_results(records: list[dict], meta: dict, results: Path = RESULTS) -> 
     write_text(results, text.rstrip("\n") + "\n")
 
 
-def meta_now() -> dict:
-    """The machine and the date (UTC, ISO 8601) stamped on every record set."""
-    return {"schema": SCHEMA, "machine": machine(),
+def meta_now(command: str = "") -> dict:
+    """The schema, machine, date (UTC, ISO 8601) and command (with its AML_* environment) of a run."""
+    return {"schema": SCHEMA, "machine": machine(), "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -146,9 +161,9 @@ def load(path: Path) -> tuple[list[dict], dict]:
         if not reports:
             raise SystemExit(f"{path}: no benchmark carries extra_info.report (run with bench/conftest.py)")
         records = [r for rep in reports for r in rep["records"]]
-        meta = {k: reports[0][k] for k in ("schema", "machine", "date")}
+        meta = {k: reports[0][k] for k in ("schema", "machine", "date", "command")}
     else:
-        records, meta = data["records"], {k: data[k] for k in ("schema", "machine", "date")}
+        records, meta = data["records"], {k: data[k] for k in ("schema", "machine", "date", "command")}
     if meta["schema"] != SCHEMA:
         raise SystemExit(f"{path}: report schema {meta['schema']}, this script reads {SCHEMA}")
     return records, meta
