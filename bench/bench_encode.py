@@ -14,6 +14,8 @@ interleaved so that load from other processes hits both alike, and assert the ta
     times `--workers 0` (decoding between forward passes), which shows what the threads hide.
     Its extra_info also holds each call's median process CPU seconds and minor page faults.
 ResNet-101 is random-init (no weights ship offline); its speed does not depend on its weights.
+Every case's methods are also records of bench/report.py (a row each in the table printed at the end, images/s
+and the ratio to the case's baseline: the torch backend, the teacher, the bare forward; encode.png under --bench-out).
 AML_BENCH_DEVICE=cuda (bench/gpu_check.sh) runs the torch backend on the GPU instead: the EfficientNet models and
 ResNet-101 at 362 and 1024 px in batches of BATCH_CUDA, the student/teacher pair, and the pipeline on 96 JPEGs;
 there the two ratios are reported, not asserted (the targets are the CPU's; on a GPU the pipeline is bound by

@@ -7,6 +7,8 @@ the memory bound (the bytes read at the device's read bandwidth, measured here a
 The Triton case needs CUDA (the CPU interpreter is ~100x slower than torch and says nothing
 about speed); it is skipped elsewhere. extra_info: bytes_read (map + W + b) and the GB/s
 they imply at the median time, to compare with the device's memory bandwidth.
+Every backend is also a record of bench/report.py: a row in the table printed at the end (images/s, the ratio to
+eager, on CUDA the fraction of the memory bound), head.png under --bench-out.
 """
 from __future__ import annotations
 

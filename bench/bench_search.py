@@ -12,7 +12,8 @@ k = 100, per-method medians over AML_BENCH_ROUNDS rounds (default 5). extra_info
 times, queries/s, GB/s (bytes of the scanned copy per second), GFLOP/s (2 Q N D per second), recall@100 against
 the exact float32 top 100, and the machine's measured bounds (memory read bandwidth, float32 matmul peak);
 extra_info["report"] the same per method in bench/report.py's schema (rate, ratio to faiss-flat of the same rounds,
-fraction of the bound: bytes / bandwidth or 2 Q N D / peak, whichever is the larger time), which bench/conftest.py
+fraction of the bound: bytes / bandwidth or 2 Q N D / peak, whichever is the longer time, the peak for float32
+arithmetic only), which bench/conftest.py
 prints as a table at the end and plots under --bench-out (queries/s against Q per (N, D)). Nothing tracked is
 written; `--update-results` records the figures in bench/RESULTS.md. The engine is timed per call of
 its shard kernel on the whole gallery as one shard (what search() does per shard); compressed scans rescore
@@ -56,6 +57,10 @@ METHODS = [
     "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch",
 ] + (["torch-cuda", "torch-cuda-resident"] if CUDA else [])
 BASELINE = "faiss-flat"
+# The methods whose arithmetic is float32 multiply-adds, for which the float32 matmul peak is a compute bound; the
+# engine's bfloat16 (dpbf16) and int8 (VNNI / vpmaddwd) scans have faster instructions, whose peak is not measured
+# here, so only the memory bound is theirs. The GPU methods have neither of these (host) bounds.
+FP32_ARITHMETIC = {"engine-float32", "engine-float16", "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch"}
 
 
 def available_bytes() -> int:
@@ -234,11 +239,15 @@ def test_search(benchmark, bench_report, bounds, galleries, n, d, nq):
             "N": n, "D": d, "Q": nq, "method": m, "qps": nq / t, "GBps": nbytes[m] / t / 1e9,
             "GFLOPs": 2 * nq * n * d / t / 1e9, "recall": recall[m], "times": times[m], **bounds,
         }
-        memory, compute = rows[m]["GBps"] / bounds["mem_read_GBps"], rows[m]["GFLOPs"] / bounds["fp32_peak_GFLOPs"]
+        # The fraction of the bound: the time the scan's bytes take at the read bandwidth, or its flops at the peak
+        # (float32 arithmetic only), whichever is longer, over the time measured.
+        memory = rows[m]["GBps"] / bounds["mem_read_GBps"]
+        compute = rows[m]["GFLOPs"] / bounds["fp32_peak_GFLOPs"] if m in FP32_ARITHMETIC else 0.0
+        host = not m.startswith("torch-cuda")
         records.append(report.record(
             m, nq / t, times[m], baseline=baseline, unit="queries/s", ratio=ratios[m][0], ratio_rounds=ratios[m][1],
-            bound_fraction=max(memory, compute), bound_kind="memory" if memory >= compute else "compute",
-            recall=recall[m]))
+            bound_fraction=max(memory, compute) if host else None,
+            bound_kind=("memory" if memory >= compute else "compute") if host else None, recall=recall[m]))
     benchmark.extra_info.update({"N": n, "D": d, "Q": nq, "left_out": left, "methods": rows})
     bench_report.add(benchmark, "search", f"N{n}-D{d}-Q{nq}", records, N=n, D=d, Q=nq, k=K, rescore=RESCORE,
                      load_avg_1min=load, left_out=left, **bounds)

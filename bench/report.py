@@ -170,8 +170,9 @@ def load(path: Path) -> tuple[list[dict], dict]:
 
 
 def plot_search(records: list[dict], out: Path) -> list[Path]:
-    """queries/s against Q, log axes, one line per method, one PNG per (N, D): search-N<N>-D<D>.png. The bound
-    is drawn per bytes-per-value scanned: Q / max(bytes / read bandwidth, 2 Q N D / fp32 peak)."""
+    """queries/s against Q, log axes, one line per method, one PNG per (N, D): search-N<N>-D<D>.png. Bounds drawn:
+    a float32 scan's, Q / max(4 N D / read bandwidth, 2 Q N D / fp32 peak), and an int8 scan's memory bound,
+    Q / (N D / read bandwidth) (its compute peak is not measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,10 +191,10 @@ def plot_search(records: list[dict], out: Path) -> list[Path]:
             ax.plot(*zip(*pts), marker="o", label=m)
         p = rs[0]["params"]
         grid = [qs[0] * (qs[-1] / qs[0]) ** (i / 50) for i in range(51)] if len(qs) > 1 else qs
-        for nbytes, style in ((4, "-"), (1, ":")):
-            bound = [q / max(n * d * nbytes / (p["mem_read_GBps"] * 1e9), 2 * q * n * d / (p["fp32_peak_GFLOPs"] * 1e9))
-                     for q in grid]
-            ax.plot(grid, bound, "k" + style, lw=1, label=f"bound, {nbytes} B/value scanned")
+        memory = lambda nbytes: n * d * nbytes / (p["mem_read_GBps"] * 1e9)  # noqa: E731  seconds per scan
+        ax.plot(grid, [q / max(memory(4), 2 * q * n * d / (p["fp32_peak_GFLOPs"] * 1e9)) for q in grid], "k-", lw=1,
+                label="bound of a float32 scan (memory read or fp32 peak)")
+        ax.plot(grid, [q / memory(1) for q in grid], "k:", lw=1, label="memory bound of an int8 scan")
         ax.set(xscale="log", yscale="log", xlabel="Q (queries per call)", ylabel="queries/s",
                title=f"top-100 search, N = {n}, D = {d}")
         ax.grid(True, which="both", alpha=0.3)
