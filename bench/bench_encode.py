@@ -137,11 +137,12 @@ def _interleaved(benchmark, calls: dict, rounds: int) -> tuple[dict[str, list[fl
     return wall, usage
 
 
-def _report(bench_report, benchmark, case: str, times: dict, baseline: str, images: int, **params) -> None:
-    """The interleaved calls of one case as report records: images/s and the ratio to `baseline` of the same rounds."""
+def _report(bench_report, benchmark, case: str, times: dict, baseline: str, per_call: int, **params) -> None:
+    """The interleaved calls of one case (`per_call` images each) as report records: images/s and the ratio to
+    `baseline` of the same rounds."""
     ratios = report.interleaved_ratios(times, baseline)
     bench_report.add(benchmark, "encode", case, [
-        report.record(k, images / statistics.median(t), t, baseline=baseline, unit="images/s",
+        report.record(k, per_call / statistics.median(t), t, baseline=baseline, unit="images/s",
                       ratio=ratios[k][0], ratio_rounds=ratios[k][1]) for k, t in times.items()],
         device=DEVICE, **params)
 

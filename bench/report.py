@@ -80,10 +80,6 @@ def fill_ratios(records: list[dict]) -> None:
             r["ratio"] = r["rate"] / base
 
 
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
 def rate_text(rate: float) -> str:
     """A rate as read in a table: whole numbers from 100 up, three significant digits below."""
     return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
@@ -97,20 +93,26 @@ def common_params(records: list[dict]) -> str:
     return ", ".join(f"{k}={v}" for k, v in shared.items() if not isinstance(v, (list, dict)))
 
 
-def table(records: list[dict]) -> list[str]:
-    """The terminal table: one row per method of each case, columns aligned."""
+def cells(records: list[dict]) -> list[list[str]]:
+    """The table as text cells: a header, then one row per record (method of a case); '-' where a figure is absent."""
     header = ["suite", "case", "method", "rate", "unit", "vs base", "rounds vs base", "bound", "recall", "spread"]
     rows = []
     for r in records:
-        rr = r.get("ratio_rounds")
-        bound = None if r["bound_fraction"] is None else f"{r['bound_fraction']:.2f} {r['bound_kind']}"
+        base, rr = r["method"] == r["baseline"], r["ratio_rounds"]
         rows.append([r["suite"], r["case"], r["method"], rate_text(r["rate"]), r["unit"],
-                     "base" if r["method"] == r["baseline"] else _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] else ""),
-                     "-" if not rr or r["method"] == r["baseline"] else f"{rr[0]:.2f}-{rr[1]:.2f}x",
-                     bound or "-", "-" if r["recall"] is None or r["recall"] >= 0.9995 else f"{r['recall']:.4f}",
+                     "base" if base else "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                     "-" if base or not rr else f"{rr[0]:.2f}-{rr[1]:.2f}x",
+                     "-" if r["bound_fraction"] is None else f"{r['bound_fraction']:.2f} {r['bound_kind']}",
+                     "-" if r["recall"] is None or r["recall"] >= 0.9995 else f"{r['recall']:.4f}",
                      f"{100 * r['spread']:.0f}%"])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return [header, *rows]
+
+
+def table(records: list[dict]) -> list[str]:
+    """The terminal table: one line per method of each case, columns aligned."""
+    rows = cells(records)
+    widths = [max(len(x) for x in col) for col in zip(*rows)]
+    return ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
 
 
 LEGEND = ("rate: median over the rounds; vs base: rate / the baseline's (the case's row marked 'base': faiss-flat "
@@ -119,31 +121,29 @@ LEGEND = ("rate: median over the rounds; vs base: rate / the baseline's (the cas
           "compute bound reached; recall: recall@k when below 1; spread: (max - min) / median of the round times.")
 
 
-def markdown(records: list[dict], meta: dict) -> str:
-    """A RESULTS.md section per suite of `records`, each a markdown table of the terminal table's columns."""
-    out = []
+def sections(records: list[dict], meta: dict) -> dict[str, str]:
+    """RESULTS.md sections, one per suite of `records` (title line -> whole section): the run's date, machine,
+    command and shared figures, the legend, and the table as markdown."""
+    out = {}
     for suite in dict.fromkeys(r["suite"] for r in records):
-        lines = table([r for r in records if r["suite"] == suite])
-        cells = [re.split(r"\s{2,}", line) for line in lines]
-        out += [f"## {SECTIONS.get(suite, suite)}", "",
-                f"{meta['date']}, {meta['machine']}; `{meta['command']}`; "
-                f"{common_params([r for r in records if r['suite'] == suite])}.", "", LEGEND, "",
-                "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-        out += ["| " + " | ".join(c) + " |" for c in cells[1:]] + [""]
-    return "\n".join(out)
+        ours = [r for r in records if r["suite"] == suite]
+        header, *rows = cells(ours)
+        title = f"## {SECTIONS.get(suite, suite)}"
+        out[title] = "\n".join(
+            [title, "", f"{meta['date']}, {meta['machine']}; `{meta['command']}`; {common_params(ours)}.", "", LEGEND, "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n"
+    return out
 
 
 def update_results(records: list[dict], meta: dict, results: Path = RESULTS) -> None:
-    """Replace (or append) each suite's section of `results`, leaving every other section as it is."""
+    """Replace (or append) each suite's generated section of `results`, leaving every other section as it is."""
     from engine.files import write_text
 
     text = results.read_text() if results.exists() else "# Benchmark results\n"
-    for section in markdown(records, meta).split("\n## "):
-        section = section if section.startswith("## ") else "## " + section
-        title = section.splitlines()[0]
+    for title, section in sections(records, meta).items():
         pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-        body = section.rstrip("\n") + "\n\n"
-        text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     write_text(results, text.rstrip("\n") + "\n")
 
 
