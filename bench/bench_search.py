@@ -241,13 +241,20 @@ def test_search(benchmark, bench_report, bounds, galleries, n, d, nq):
         }
         # The fraction of the bound: the time the scan's bytes take at the read bandwidth, or its flops at the peak
         # (float32 arithmetic only), whichever is longer, over the time measured.
+        # Past the ridge (float32 arithmetic would be compute bound) a bfloat16 / int8 scan's bound is its unmeasured
+        # instruction peak: none is given rather than a memory fraction near 0.
         memory = rows[m]["GBps"] / bounds["mem_read_GBps"]
-        compute = rows[m]["GFLOPs"] / bounds["fp32_peak_GFLOPs"] if m in FP32_ARITHMETIC else 0.0
-        host = not m.startswith("torch-cuda")
+        compute = rows[m]["GFLOPs"] / bounds["fp32_peak_GFLOPs"]
+        ridge = 2 * nq / bounds["fp32_peak_GFLOPs"] > 4 / bounds["mem_read_GBps"]
+        if m.startswith("torch-cuda") or (m not in FP32_ARITHMETIC and ridge):
+            fraction, kind = None, None
+        elif m in FP32_ARITHMETIC and compute > memory:
+            fraction, kind = compute, "compute"
+        else:
+            fraction, kind = memory, "memory"
         records.append(report.record(
             m, nq / t, times[m], baseline=baseline, unit="queries/s", ratio=ratios[m][0], ratio_rounds=ratios[m][1],
-            bound_fraction=max(memory, compute) if host else None,
-            bound_kind=("memory" if memory >= compute else "compute") if host else None, recall=recall[m]))
+            bound_fraction=fraction, bound_kind=kind, recall=recall[m]))
     benchmark.extra_info.update({"N": n, "D": d, "Q": nq, "left_out": left, "methods": rows})
     bench_report.add(benchmark, "search", f"N{n}-D{d}-Q{nq}", records, N=n, D=d, Q=nq, k=K, rescore=RESCORE,
                      load_avg_1min=load, left_out=left, **bounds)

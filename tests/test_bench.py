@@ -62,8 +62,13 @@ def test_json_carries_every_method_in_the_schema(run):
         for r in by.values():
             assert r["suite"] == "search" and r["baseline"] == "faiss-flat" and r["unit"] == "queries/s"
             assert r["rate"] > 0 and r["ratio"] > 0 and len(r["rounds"]) == 2 and r["spread"] >= 0
-            assert 0 < r["bound_fraction"] and r["bound_kind"] in ("memory", "compute") and 0 < r["recall"] <= 1
+            assert (r["bound_fraction"] is None) == (r["bound_kind"] is None) and 0 < r["recall"] <= 1
             assert {"N", "D", "Q", "mem_read_GBps", "fp32_peak_GFLOPs"} <= set(r["params"])
+        for m in ("engine-float32", "faiss-flat"):  # float32 arithmetic: the longer of the memory and compute times
+            row, p = b["extra_info"]["methods"][m], by[m]["params"]
+            fractions = {"memory": row["GBps"] / p["mem_read_GBps"], "compute": row["GFLOPs"] / p["fp32_peak_GFLOPs"]}
+            assert by[m]["bound_kind"] == max(fractions, key=fractions.get)
+            assert by[m]["bound_fraction"] == pytest.approx(max(fractions.values()))
         assert by["faiss-flat"]["ratio"] == pytest.approx(1.0)
         assert by["engine-float32"]["recall"] == 1.0
         # the same rounds: ratio of medians from the round times themselves
