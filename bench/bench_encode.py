@@ -14,6 +14,8 @@ interleaved so that load from other processes hits both alike, and assert the ta
     times `--workers 0` (decoding between forward passes), which shows what the threads hide.
     Its extra_info also holds each call's median process CPU seconds and minor page faults.
 ResNet-101 is random-init (no weights ship offline); its speed does not depend on its weights.
+Every case's methods are also records of bench/report.py (a row each in the table printed at the end, images/s
+and the ratio to the case's baseline: the torch backend, the teacher, the bare forward; encode.png under --bench-out).
 AML_BENCH_DEVICE=cuda (bench/gpu_check.sh) runs the torch backend on the GPU instead: the EfficientNet models and
 ResNet-101 at 362 and 1024 px in batches of BATCH_CUDA, the student/teacher pair, and the pipeline on 96 JPEGs;
 there the two ratios are reported, not asserted (the targets are the CPU's; on a GPU the pipeline is bound by
@@ -33,6 +35,7 @@ import torch
 from PIL import Image
 from skimage import data
 
+import report
 from engine.backends import make_runner, resolve_backend
 from engine.encode import EncodeOptions, ShapeBuckets, default_workers, encode_to_store, to_batch
 from engine.images import read_image
@@ -89,7 +92,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,backend,side", grid(), ids=lambda v: str(v))
-def test_encode(benchmark, cache, name, backend, side):
+def test_encode(benchmark, bench_report, cache, name, backend, side):
     batch = BATCH_CUDA[side] if CUDA else BATCH if side <= 362 else 2
     runner = make_runner(model(name), backend, device=DEVICE, cache_dir=cache)
     x = random_images(batch, side).to(DEVICE)
@@ -101,12 +104,16 @@ def test_encode(benchmark, cache, name, backend, side):
     benchmark.pedantic(call, rounds=10 if CUDA else 3 if side <= 362 else 2, iterations=1)
     benchmark.extra_info.update(model=name, backend=backend, device=DEVICE, side=side, batch=batch,
                                 images_per_s=round(batch / benchmark.stats.stats.median, 2))
+    # Backends are separate benchmarks here: their ratio to eager torch is of medians taken minutes apart.
+    bench_report.add(benchmark, "encode", f"{name}-{side}px", [report.record(
+        backend, batch / benchmark.stats.stats.median, benchmark.stats.stats.data, baseline="torch", unit="images/s")],
+        model=name, side=side, batch=batch, device=DEVICE)
 
 
-def _interleaved(benchmark, calls: dict, rounds: int) -> tuple[dict[str, float], dict[str, dict]]:
+def _interleaved(benchmark, calls: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, dict]]:
     """Time each call once per round, in turn, under one benchmark.
 
-    Returns each call's median wall seconds, and its median process CPU seconds (all threads) and minor page
+    Returns each call's wall seconds per round, and its median process CPU seconds (all threads) and minor page
     faults (copy-on-write and first-touch): under other processes' load the wall time swings, these do not.
     Every other round runs the calls in reverse order (A B, B A, ...), so a load that rises or falls
     during the run does not favour the call that comes first.
@@ -124,21 +131,33 @@ def _interleaved(benchmark, calls: dict, rounds: int) -> tuple[dict[str, float],
         order.reverse()
 
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    wall = {k: statistics.median(s[0] for s in v) for k, v in samples.items()}
+    wall = {k: [s[0] for s in v] for k, v in samples.items()}
     usage = {k: {"cpu_s": round(statistics.median(s[1] for s in v), 2), "minor_faults": int(statistics.median(s[2] for s in v))}
              for k, v in samples.items()}
     return wall, usage
 
 
+def _report(bench_report, benchmark, case: str, times: dict, baseline: str, per_call: int, **params) -> None:
+    """The interleaved calls of one case (`per_call` images each) as report records: images/s and the ratio to
+    `baseline` of the same rounds."""
+    ratios = report.interleaved_ratios(times, baseline)
+    bench_report.add(benchmark, "encode", case, [
+        report.record(k, per_call / statistics.median(t), t, baseline=baseline, unit="images/s",
+                      ratio=ratios[k][0], ratio_rounds=ratios[k][1]) for k, t in times.items()],
+        device=DEVICE, **params)
+
+
 @pytest.mark.parametrize("student", ["effnet-lite0"] if CUDA else ["mobilenetv2", "effnet-lite0"] if FULL else ["mobilenetv2"])
-def test_student_vs_resnet101_teacher(benchmark, cache, student):
+def test_student_vs_resnet101_teacher(benchmark, bench_report, cache, student):
     batch = BATCH_CUDA[362] if CUDA else BATCH
     x = random_images(batch, 362).to(DEVICE)
     fast = make_runner(model(student), "auto", device=DEVICE, cache_dir=cache)
     slow = make_runner(model("resnet101-gem"), "torch", device=DEVICE, channels_last=False)  # eager torch, as is
     fast(x).cpu(), slow(x).cpu()
-    med, _ = _interleaved(benchmark, {"student": lambda: fast(x).cpu(), "teacher": lambda: slow(x).cpu()},
-                          rounds=10 if CUDA else 3)
+    times, _ = _interleaved(benchmark, {"student": lambda: fast(x).cpu(), "teacher": lambda: slow(x).cpu()},
+                            rounds=10 if CUDA else 3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    _report(bench_report, benchmark, f"{student}-vs-resnet101-362px", times, "teacher", batch, batch=batch)
     ratio = med["teacher"] / med["student"]
     benchmark.extra_info.update(student=student, student_backend=resolve_backend("auto", DEVICE), device=DEVICE, side=362, batch=batch,
                                 student_images_per_s=round(batch / med["student"], 2),
@@ -172,7 +191,7 @@ def pipeline_cases() -> list[tuple[str, int, int]]:
 
 
 @pytest.mark.parametrize("name,side,count", pipeline_cases(), ids=lambda v: str(v))
-def test_pipeline_vs_bare_forward(benchmark, cache, tmp_path, jpegs, name, side, count):
+def test_pipeline_vs_bare_forward(benchmark, bench_report, cache, tmp_path, jpegs, name, side, count):
     enc = model(name)
     opts = EncodeOptions(max_side=side, batch_size=16 if CUDA else 4, workers=default_workers(), progress=False, device=DEVICE)
     t0 = time.perf_counter()
@@ -200,7 +219,9 @@ def test_pipeline_vs_bare_forward(benchmark, cache, tmp_path, jpegs, name, side,
     calls = {"pipeline": pipeline(opts.workers), "bare": bare}
     if count <= 24:
         calls["workers0"] = pipeline(0)
-    med, usage = _interleaved(benchmark, calls, rounds=6 if count <= 24 else 4)
+    times, usage = _interleaved(benchmark, calls, rounds=6 if count <= 24 else 4)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    _report(bench_report, benchmark, f"{name}-{side}px-{count}images", times, "bare", count, images=count)
     ratio = med["pipeline"] / med["bare"]
     benchmark.extra_info.update(model=name, backend=runner.backend, side=side, images=count, batches=len(batches),
                                 workers=opts.workers, runner_setup_s=round(setup, 2), load_avg_1min=os.getloadavg()[0],

@@ -7,6 +7,8 @@ the memory bound (the bytes read at the device's read bandwidth, measured here a
 The Triton case needs CUDA (the CPU interpreter is ~100x slower than torch and says nothing
 about speed); it is skipped elsewhere. extra_info: bytes_read (map + W + b) and the GB/s
 they imply at the median time, to compare with the device's memory bandwidth.
+Every backend is also a record of bench/report.py: a row in the table printed at the end (images/s, the ratio to
+eager, on CUDA the fraction of the memory bound), head.png under --bench-out.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import kernels
+import report
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -82,7 +85,7 @@ def read_gbps() -> float | None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 @torch.inference_mode()
-def test_head(benchmark, read_gbps, case, backend):
+def test_head(benchmark, bench_report, read_gbps, case, backend):
     reason = _skip_reason(case, backend)
     if reason:
         pytest.skip(reason)
@@ -112,6 +115,7 @@ def test_head(benchmark, read_gbps, case, backend):
         bytes_read=bytes_read,
         gb_per_s=round(bytes_read / benchmark.stats.stats.median / 1e9, 1),
     )
+    bound = None
     if read_gbps:
         from triton.testing import do_bench
 
@@ -121,3 +125,9 @@ def test_head(benchmark, read_gbps, case, backend):
         benchmark.extra_info.update(gpu_us=round(gpu_us, 1), read_gbps=round(read_gbps), bound_us=round(bound_us, 1),
                                     x_bound=round(gpu_us / bound_us, 2),
                                     graph_us=graph and round(graph, 1), graph_x_bound=graph and round(graph / bound_us, 2))
+        bound = bound_us / gpu_us
+    # Backends are separate benchmarks: their ratio to eager is of medians taken apart. The bound (CUDA only): the
+    # bytes read at the measured read bandwidth over the GPU time.
+    bench_report.add(benchmark, "head", case, [report.record(
+        backend, B / benchmark.stats.stats.median, benchmark.stats.stats.data, baseline="eager", unit="images/s",
+        bound_fraction=bound, bound_kind="memory" if bound else None)], B=B, C=C, H=H, W=Wd, D=D, device=DEVICE)

@@ -10,8 +10,12 @@ time.perf_counter, the order rotated by one each round) before round r + 1 calls
 compare the same minutes of a shared machine; pytest-benchmark's own statistics are those of whole rounds.
 k = 100, per-method medians over AML_BENCH_ROUNDS rounds (default 5). extra_info holds, per method, the round
 times, queries/s, GB/s (bytes of the scanned copy per second), GFLOP/s (2 Q N D per second), recall@100 against
-the exact float32 top 100, and the machine's measured bounds (memory read bandwidth, float32 matmul peak). The
-session writes a summary table into the "Search" section of bench/RESULTS.md. The engine is timed per call of
+the exact float32 top 100, and the machine's measured bounds (memory read bandwidth, float32 matmul peak);
+extra_info["report"] the same per method in bench/report.py's schema (rate, ratio to faiss-flat of the same rounds,
+fraction of the bound: bytes / bandwidth or 2 Q N D / peak, whichever is the longer time, the peak for float32
+arithmetic only), which bench/conftest.py
+prints as a table at the end and plots under --bench-out (queries/s against Q per (N, D)). Nothing tracked is
+written; `--update-results` records the figures in bench/RESULTS.md. The engine is timed per call of
 its shard kernel on the whole gallery as one shard (what search() does per shard); compressed scans rescore
 100 * R candidates (R = 4) against float32. Figures on a shared machine still move with its load; the ratios
 of one round's calls are reported beside the ratios of medians.
@@ -22,19 +26,16 @@ of a GPU scan). Methods whose library is not installed (faiss on the GPU machine
 """
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import itertools
 import os
-import re
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+import report
 from engine import _search, quantize
 
 K = 100
@@ -55,16 +56,11 @@ METHODS = [
     "engine-float32", "engine-float16", "engine-bfloat16", "engine-int8",
     "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch",
 ] + (["torch-cuda", "torch-cuda-resident"] if CUDA else [])
-RESULTS = Path(__file__).with_name("RESULTS.md")
-ROWS: list[dict] = []
-
-
-def load_average() -> str:
-    """The 1-minute load average now (how busy the shared machine is)."""
-    return open("/proc/loadavg").read().split()[0]
-
-
-LOADS: list[str] = [load_average()]
+BASELINE = "faiss-flat"
+# The methods whose arithmetic is float32 multiply-adds, for which the float32 matmul peak is a compute bound; the
+# engine's bfloat16 (dpbf16) and int8 (VNNI / vpmaddwd) scans have faster instructions, whose peak is not measured
+# here, so only the memory bound is theirs. The GPU methods have neither of these (host) bounds.
+FP32_ARITHMETIC = {"engine-float32", "engine-float16", "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch"}
 
 
 def available_bytes() -> int:
@@ -85,20 +81,23 @@ def best_time(fn, rounds=5) -> float:
     return min(times)
 
 
+PROBE_MIB = int(os.environ.get("AML_BENCH_PROBE_MIB", "1024"))  # far beyond the caches; tests make it small
+
+
 @pytest.fixture(scope="session")
 def bounds():
-    """Measured memory read bandwidth (GB/s, all cores, 1 GiB: the faster of numpy xor-reduce and torch sum)
-    and float32 matmul peak (GFLOP/s, torch, all cores)."""
+    """Measured memory read bandwidth (GB/s, all cores, AML_BENCH_PROBE_MIB = 1 GiB: the faster of numpy xor-reduce
+    and torch sum) and float32 matmul peak (GFLOP/s, torch, all cores)."""
     import torch
 
     threads = _search.default_threads()
-    a = np.ones(1 << 27, np.uint64)  # 1 GiB
+    a = np.ones(PROBE_MIB << 17, np.uint64)
     parts = np.array_split(a, threads)
     with ThreadPoolExecutor(threads) as ex:  # numpy reductions release the GIL
         t = best_time(lambda: list(ex.map(np.bitwise_xor.reduce, parts)))
     bandwidth = a.nbytes / t / 1e9
     del a, parts
-    f = torch.ones(1 << 28)  # 1 GiB
+    f = torch.ones(PROBE_MIB << 18)
     bandwidth = max(bandwidth, f.numel() * 4 / best_time(lambda: f.sum()) / 1e9)
     del f
     m = torch.randn(2048, 2048)
@@ -215,11 +214,11 @@ def interleaved(fns: dict) -> tuple:
 
 
 @pytest.mark.parametrize("n, d, nq", GRID, ids=[f"N{n}-D{d}-Q{q}" for n, d, q in GRID])
-def test_search(benchmark, bounds, galleries, n, d, nq):
+def test_search(benchmark, bench_report, bounds, galleries, n, d, nq):
     methods, left = methods_for(n, d, nq)
     if not methods:
         pytest.skip("; ".join(left))
-    LOADS.append(load_average())
+    load = [os.getloadavg()[0]]
     g, copies, queries, truth = galleries(n, d)
     q = np.ascontiguousarray(queries[:nq])
     ref = exact_ids(g, q, truth)
@@ -230,129 +229,32 @@ def test_search(benchmark, bounds, galleries, n, d, nq):
         recall[m] = float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids, ref)]))
     one_round, times = interleaved(fns)
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    LOADS.append(load_average())
-    rows = {}
+    load.append(os.getloadavg()[0])
+    baseline = BASELINE if BASELINE in methods else methods[0]
+    ratios = report.interleaved_ratios(times, baseline)
+    rows, records = {}, []
     for m in methods:
         t = float(np.median(times[m]))
         rows[m] = {
             "N": n, "D": d, "Q": nq, "method": m, "qps": nq / t, "GBps": nbytes[m] / t / 1e9,
             "GFLOPs": 2 * nq * n * d / t / 1e9, "recall": recall[m], "times": times[m], **bounds,
         }
-        ROWS.append(rows[m])
+        # The fraction of the bound: the time the scan's bytes take at the read bandwidth, or its flops at the peak
+        # (float32 arithmetic only), whichever is longer, over the time measured.
+        # Past the ridge (float32 arithmetic would be compute bound) a bfloat16 / int8 scan's bound is its unmeasured
+        # instruction peak: none is given rather than a memory fraction near 0.
+        memory = rows[m]["GBps"] / bounds["mem_read_GBps"]
+        compute = rows[m]["GFLOPs"] / bounds["fp32_peak_GFLOPs"]
+        ridge = 2 * nq / bounds["fp32_peak_GFLOPs"] > 4 / bounds["mem_read_GBps"]
+        if m.startswith("torch-cuda") or (m not in FP32_ARITHMETIC and ridge):
+            fraction, kind = None, None
+        elif m in FP32_ARITHMETIC and compute > memory:
+            fraction, kind = compute, "compute"
+        else:
+            fraction, kind = memory, "memory"
+        records.append(report.record(
+            m, nq / t, times[m], baseline=baseline, unit="queries/s", ratio=ratios[m][0], ratio_rounds=ratios[m][1],
+            bound_fraction=fraction, bound_kind=kind, recall=recall[m]))
     benchmark.extra_info.update({"N": n, "D": d, "Q": nq, "left_out": left, "methods": rows})
-
-
-def machine() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = re.search(r"Model name:\s*(.+)", out)
-    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} logical CPUs"
-
-
-def per_round(a: dict, b: dict) -> str:
-    """The spread of one round's ratios, a's queries/s over b's (rows of one case, same round index), as
-    'rounds LO-HIx'."""
-    ratios = [tb / ta for ta, tb in zip(a["times"], b["times"])]
-    return f"rounds {min(ratios):.2f}-{max(ratios):.2f}x"
-
-
-def summary(rows: list[dict]) -> str:
-    """The "Search" section: one line per (N, D, Q) with queries/s per method and the target ratios."""
-    b = rows[0]
-    lines = [
-        "## Search",
-        "",
-        f"{datetime.date.today()}, {machine()}; measured bounds: memory read {b['mem_read_GBps']} GB/s, "
-        f"fp32 matmul {b['fp32_peak_GFLOPs']} GFLOP/s. k = {K}, medians of {ROUNDS} interleaved rounds, "
-        f"engine compressed scans rescore {RESCORE}k candidates in float32. "
-        f"Command: `AML_BENCH_GRID={_GRID} AML_BENCH_ROUNDS={ROUNDS} pytest bench/bench_search.py`. Shared machine: "
-        f"1-minute load average {min(LOADS, key=float)} to {max(LOADS, key=float)} during the run (2 cores), so absolute figures are "
-        "depressed and noisy; every method of a case runs once per round (see the docstring). '-': not run.",
-        "",
-        "Queries/s (recall@100 in brackets when below 1):",
-        "",
-        "| N | D | Q | " + " | ".join(METHODS) + " |",
-        "|---|---|---|" + "---|" * len(METHODS),
-    ]
-    by = {}
-    for r in rows:
-        by.setdefault((r["N"], r["D"], r["Q"]), {})[r["method"]] = r
-    for (n, d, nq), ms in by.items():
-        cells = []
-        for m in METHODS:
-            r = ms.get(m)
-            cells.append("-" if r is None else f"{r['qps']:.4g}" + (f" ({r['recall']:.3f})" if r["recall"] < 0.9995 else ""))
-        lines.append(f"| {n} | {d} | {nq} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Ratios (engine / baseline: of the medians, then the range of one round's; GB/s of the float16/bfloat16 "
-        "scan over the read bound):",
-        "",
-    ]
-    for (n, d, nq), ms in by.items():
-        if "faiss-flat" not in ms:
-            continue
-        flat = ms["faiss-flat"]["qps"]
-        eng = {m: ms[m] for m in ms if m.startswith("engine-")}
-        best = max(eng.values(), key=lambda r: r["qps"])
-        fr = ms["faiss-flat"]
-        parts = [f"best engine ({best['method'][7:]}) {best['qps'] / flat:.2f}x faiss-flat ({per_round(best, fr)})"]
-        if "engine-float32" in eng:
-            parts.append(f"float32 {eng['engine-float32']['qps'] / flat:.2f}x ({per_round(eng['engine-float32'], fr)})")
-        if nq == 1 and "faiss-sq-fp16" in ms:
-            for m in ("engine-float16", "engine-bfloat16"):
-                if m in eng:
-                    r = eng[m]
-                    parts.append(
-                        f"{m[7:]} {r['qps'] / ms['faiss-sq-fp16']['qps']:.2f}x faiss-sq-fp16 "
-                        f"({per_round(r, ms['faiss-sq-fp16'])}), "
-                        f"{r['GBps']:.1f} GB/s = {r['GBps'] / r['mem_read_GBps']:.2f} of the bound"
-                    )
-        lines.append(f"- N {n}, D {d}, Q {nq}: " + "; ".join(parts))
-    lines += ["", "The issue's targets, this run:", ""] + [f"- {t}" for t in targets(by)]
-    return "\n".join(lines) + "\n"
-
-
-def targets(by: dict) -> list[str]:
-    """Each target of the issue checked against one (N, D, Q) row: 'met' or 'NOT met' with the measured ratio."""
-    out = []
-
-    def check(name, value, bound):
-        out.append(f"{name}: {value:.2f} (target {bound}) {'met' if value >= bound else 'NOT met'}")
-
-    for (n, d, nq), ms in by.items():
-        qps = {m: r["qps"] for m, r in ms.items()}
-        if "faiss-flat" not in qps:
-            continue
-        where = f"N {n}, D {d}, Q {nq}"
-        flat = qps["faiss-flat"]
-        best = max(v for m, v in qps.items() if m.startswith("engine-"))
-        if nq in (1, 64):
-            check(f"{where}: best engine / faiss-flat", best / flat, 3.0)
-        if nq == 1 and "faiss-sq-fp16" in qps:
-            for m in ("engine-float16", "engine-bfloat16"):
-                if m in ms:
-                    check(f"{where}: {m[7:]} / faiss-sq-fp16", qps[m] / qps["faiss-sq-fp16"], 1.3)
-                    check(f"{where}: {m[7:]} GB/s x 1.3 / read bound", ms[m]["GBps"] * 1.3 / ms[m]["mem_read_GBps"], 1.0)
-        if nq == 1024:
-            if "engine-float32" in qps:
-                check(f"{where}: float32 / faiss-flat", qps["engine-float32"] / flat, 1.0)
-            comp = [m for m in ("engine-bfloat16", "engine-int8") if m in ms and ms[m]["recall"] >= 0.999]
-            if comp:
-                m = max(comp, key=qps.get)
-                check(f"{where}: {m[7:]} + rescoring (recall {ms[m]['recall']:.4f}) / faiss-flat", qps[m] / flat, 1.8)
-    return out
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) the "## Search" section of RESULTS.md, leaving the other sections alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Search\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def write_results():
-    yield
-    if ROWS:
-        write_section(summary(ROWS))
+    bench_report.add(benchmark, "search", f"N{n}-D{d}-Q{nq}", records, N=n, D=d, Q=nq, k=K, rescore=RESCORE,
+                     load_avg_1min=load, left_out=left, **bounds)
