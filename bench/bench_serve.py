@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import report
 
 import engine
 from engine.index import Index
@@ -175,17 +176,26 @@ def load(client: engine.Client, queries: np.ndarray, clients: int, reference: di
     return summarize(latencies, errors, wrong, seconds, (after["queries"] - before["queries"]) / blocks if blocks else None)
 
 
-def test_in_process_sequential(benchmark, reference):
+def add_row(bench_report, benchmark, method: str, result: dict) -> None:
+    """The case's row in the shared terminal table and JSON (bench/report.py): queries/s against in-process."""
+    rec = report.record(method, result["qps"], [], baseline="in-process", unit="queries/s")
+    bench_report.add(benchmark, "serve", f"N{N}-D{D}", [rec], N=N, D=D, k=K, p50_ms=result["p50_ms"],
+                     p99_ms=result["p99_ms"], errors=result["errors"], wrong=result["wrong"])
+
+
+def test_in_process_sequential(benchmark, bench_report, reference):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # measured once by the `reference` fixture
     benchmark.extra_info.update({"N": N, "D": D, "k": K, **ROWS["in-process"]})
+    add_row(bench_report, benchmark, "in-process", ROWS["in-process"])
 
 
 @pytest.mark.parametrize("clients", CLIENTS)
-def test_served(benchmark, server, queries, reference, clients):
+def test_served(benchmark, bench_report, server, queries, reference, clients):
     result = {}
     benchmark.pedantic(lambda: result.update(load(server, queries, clients, reference)), rounds=1, iterations=1)
     ROWS[f"{clients} clients"] = result
     benchmark.extra_info.update({"N": N, "D": D, "k": K, "clients": clients, **result})
+    add_row(bench_report, benchmark, f"served-{clients}-clients", result)
     assert result["errors"] == 0 and result["wrong"] == 0
 
 

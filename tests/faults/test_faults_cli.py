@@ -47,6 +47,8 @@ def base_args(command: str, tmp, real) -> list[str] | None:
         "engine report": ["report", "--gnd", missing / "gnd.pkl", "--results", missing / "r.npz", "--out", tmp / "rep"],
         "engine data views": ["data", "views", "--out", tmp / "v", "--photos", missing],
         "engine data convert-train": ["data", "convert-train", missing / "i.csv", "--out", tmp / "db.pkl"],
+        "engine serve": ["serve", missing / "s"],  # a missing store: refused before anything listens
+        "engine store add": ["store", "add", missing / "s", "--images", missing],
     }.get(command)
 
 
