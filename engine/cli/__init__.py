@@ -156,7 +156,16 @@ def encode(
     dtype: str = typer.Option("float32", "--dtype", **opt.DTYPE, help="Store dtype"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete store (or replace Q.npy)"),
 ):
-    """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar)."""
+    """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar).
+
+    Under `torchrun --nproc-per-node N [--nnodes M ...] $(which engine) encode ...` the processes share a
+    store's shards (one device each with --device cuda) and rank 0 publishes it, as one process would have.
+    """
+    from ..distributed import Group, rank_device
+
+    group = Group()
+    if out_path.suffix == ".npy" and group.world > 1:
+        raise EngineError("query vectors (.npy) are encoded by one process: run it without torchrun", out_path)
     if out_path.suffix == ".npy":
         opt.output_file(out_path)
         if out_path.exists() and not overwrite:
@@ -164,6 +173,7 @@ def encode(
     else:
         opt.output_folder(out_path)
     opt.require_device(device)
+    device = rank_device(device, group)
     from ..encode import EncodeOptions, encode_to_array, encode_to_store, save_vectors
 
     enc = resolve_encoder(model, student, target, weights)
@@ -178,9 +188,13 @@ def encode(
         save_vectors(out_path, vecs, meta)
         console.print(f"wrote {len(vecs)} x {enc.dim} vectors to {out_path} (space {enc.space}); skipped {len(skipped)}")
     else:
-        store = encode_to_store(enc, items, names, out_path, opts, shard_rows, dtype, overwrite)
-        console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} in {len(store.manifest['shards'])} shard(s) "
-                      f"(space {store.space}); skipped {len(store.skipped)}")
+        try:
+            store = encode_to_store(enc, items, names, out_path, opts, shard_rows, dtype, overwrite, group=group)
+        finally:
+            group.close()
+        if group.leader:
+            console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} in {len(store.manifest['shards'])} shard(s) "
+                          f"(space {store.space}); skipped {len(store.skipped)}")
 
 
 @app.command()
