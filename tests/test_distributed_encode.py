@@ -128,3 +128,19 @@ def test_a_killed_job_is_resumed_by_one_process_that_encodes_only_the_missing_sh
     assert not (out / "parts").exists()
     ref = {k: v for k, v in contents(one).items() if k != "manifest.json"}
     assert {k: v for k, v in contents(out).items() if k != "manifest.json"} == ref
+
+
+def test_a_second_writer_is_refused_on_every_rank(gallery, tmp_path):
+    from engine.lock import WriteLock
+
+    imgs, _ = gallery
+    out = tmp_path / "s"
+    out.mkdir()
+    held = WriteLock(out)  # another writer at work on this store
+    try:
+        done = encode(imgs, out, 2)
+    finally:
+        held.release()
+    assert done.returncode != 0
+    assert done.stderr.count("one writer at a time") == 2  # rank 0 was refused, and told rank 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no manifest, no parts
