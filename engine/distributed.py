@@ -42,6 +42,14 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj):
+        """Every rank's `obj` (picklable), as a list in rank order on rank 0; None on the other ranks."""
+        if self.world == 1:
+            return [obj]
+        box = [None] * self.world if self.leader else None
+        dist.gather_object(obj, box, dst=0)
+        return box
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

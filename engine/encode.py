@@ -252,12 +252,25 @@ def encode_items(
 
 
 def encode_to_array(
-    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None
-) -> tuple[np.ndarray, list[int], list[dict]]:
+    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None, group: Group | None = None
+) -> tuple[np.ndarray, list[int], list[dict]] | None:
     """All items in memory: (vectors N' x D float32, indices of the encoded items, skipped [{item, path, error}]).
 
     runner: an already built runner (engine.backends.make_runner) to reuse; None: one is made from `opts`.
+    group: several processes (engine.distributed) each encode a contiguous share of the items and rank 0 gathers
+    them (queries are small: they cross over the group, not through files): the result on rank 0, None elsewhere.
     """
+    if group is not None and group.world > 1:
+        a, b = len(items) * group.rank // group.world, len(items) * (group.rank + 1) // group.world
+        if group.rank:
+            opts = dataclasses.replace(opts, progress=False)
+        vecs, kept, skipped = encode_to_array(encoder, items[a:b], opts, runner) if b > a else (
+            np.zeros((0, encoder.dim), np.float32), [], [])
+        shares = group.gather((vecs, [a + i for i in kept], [{**s, "item": a + s["item"]} for s in skipped]))
+        if shares is None:
+            return None
+        return (np.concatenate([s[0] for s in shares]), [i for s in shares for i in s[1]],
+                [e for s in shares for e in s[2]])
     vecs, kept, skipped = [], [], []
     for i, v, err in encode_items(encoder, items, opts, runner):
         if v is None:

@@ -144,3 +144,15 @@ def test_a_second_writer_is_refused_on_every_rank(gallery, tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("one writer at a time") == 2  # rank 0 was refused, and told rank 1
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no manifest, no parts
+
+
+def test_two_processes_write_the_single_process_query_vectors(gallery, tmp_path):
+    imgs, _ = gallery
+    one = subprocess.run([ENGINE, *args(imgs, tmp_path / "one.npy")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    done = encode(imgs, tmp_path / "two.npy", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "two.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
+    assert (tmp_path / "two.npy.json").read_bytes() == (tmp_path / "one.npy.json").read_bytes()
+    assert len(json.loads((tmp_path / "two.npy.json").read_text())["names"]) == N

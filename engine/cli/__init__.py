@@ -159,13 +159,12 @@ def encode(
     """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar).
 
     Under `torchrun --nproc-per-node N [--nnodes M ...] $(which engine) encode ...` the processes share a
-    store's shards (one device each with --device cuda) and rank 0 publishes it, as one process would have.
+    store's shards (one device each with --device cuda) and rank 0 publishes it, as one process would have;
+    for Q.npy each encodes a share of the queries and rank 0 writes them all.
     """
     from ..distributed import Group, rank_device
 
     group = Group()
-    if out_path.suffix == ".npy" and group.world > 1:
-        raise EngineError("query vectors (.npy) are encoded by one process: run it without torchrun", out_path)
     if out_path.suffix == ".npy":
         opt.output_file(out_path)
         if out_path.exists() and not overwrite:
@@ -182,7 +181,13 @@ def encode(
                          skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}", backend=runner,
                          compile=compile_, cache_dir=cache_dir)
     if out_path.suffix == ".npy":
-        vecs, kept, skipped = encode_to_array(enc, items, opts)
+        try:
+            shares = encode_to_array(enc, items, opts, group=group)
+        finally:
+            group.close()
+        if shares is None:
+            return  # rank 0 writes the file
+        vecs, kept, skipped = shares
         meta = {"space": enc.space, "dim": enc.dim, "encoder": enc.config, "encode": opts.describe(),
                 "names": [names[i] for i in kept], "skipped": skipped}
         save_vectors(out_path, vecs, meta)
