@@ -312,6 +312,41 @@ def item_sources(items: Sequence[Item]) -> str:
     return h.hexdigest()[:32]
 
 
+def encode_shards(encoder: Encoder, items: Sequence[Item], names: Sequence[str], opts: EncodeOptions, runner: Runner | None,
+                  ranges: Sequence[tuple[int, int]], shards: Sequence[int], emit) -> None:
+    """Encode shards `shards` (indices into `ranges`, each shard's item range) in one stream, handing each to
+    `emit(j, vectors rows x D float32, names, skipped [{item, path, error}])` as soon as it is whole."""
+    pending = [i for j in shards for i in range(*ranges[j])]
+    ends = {ranges[j][1] - 1: j for j in shards}  # last item of each shard -> its index
+    vecs, kept, skipped = [], [], []
+    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner) if pending else ()):
+        i = pending[pos]
+        if v is None:
+            skipped.append({"item": i, "path": str(items[i][0]), "error": err})
+        else:
+            vecs.append(v)
+            kept.append(i)
+        if i in ends:
+            emit(ends[i], np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32), [names[k] for k in kept], skipped)
+            vecs, kept, skipped = [], [], []
+
+
+def _shards_to_write(writer: StoreWriter, items: Sequence[Item], shard_rows: int) -> tuple[list, list, list[int]]:
+    """(each shard's item range, each shard's `item_sources`, the shards to write: changed ones, then missing ones)."""
+    ranges = [(a, min(a + shard_rows, len(items))) for a in range(0, len(items), shard_rows)]
+    sources = [item_sources(items[a:b]) for a, b in ranges]
+    todo = [j for j, shard in enumerate(writer.shards) if shard.get("sources") != sources[j]]
+    return ranges, sources, todo + list(range(len(writer.shards), len(ranges)))
+
+
+def _publish_shard(writer: StoreWriter, j: int, items: tuple[int, int], sources: str, vectors, names, skipped) -> None:
+    """Shard j into the store: a rewrite of a changed shard, or the next one appended (shards are written in order)."""
+    if j < len(writer.shards):
+        writer.replace_shard(j, vectors, names, skipped, sources)
+    else:
+        writer.add_shard(vectors, names, items, skipped, sources)
+
+
 def encode_to_store(
     encoder: Encoder,
     items: Sequence[Item],
@@ -346,31 +381,11 @@ def encode_to_store(
     if group.world > 1 or (Path(out) / PARTS).is_dir():
         return _encode_in_parts(encoder, items, names, Path(out), opts, shard_rows, dtype, overwrite, runner, group, info, key)
     with StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite) as writer:
-        ranges = [(a, min(a + shard_rows, len(items))) for a in range(0, len(items), shard_rows)]
-        sources = [item_sources(items[a:b]) for a, b in ranges]
-        todo = [j for j, shard in enumerate(writer.shards) if shard.get("sources") != sources[j]]
-        todo += list(range(len(writer.shards), len(ranges)))
+        ranges, sources, todo = _shards_to_write(writer, items, shard_rows)
         if not todo and writer.complete:
             return Store(writer.path, writer.manifest)  # the same job, the same images: nothing to do
-        pending = [i for j in todo for i in range(*ranges[j])]
-        ends = {ranges[j][1] - 1: j for j in todo}  # last item of each shard to write -> its index
-        vecs, kept, skipped = [], [], []
-        for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner)):
-            i = pending[pos]
-            if v is None:
-                skipped.append({"item": i, "path": str(items[i][0]), "error": err})
-            else:
-                vecs.append(v)
-                kept.append(i)
-            if i in ends:
-                j = ends[i]
-                array = np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
-                shard_names = [names[k] for k in kept]
-                if j < len(writer.shards):
-                    writer.replace_shard(j, array, shard_names, skipped, sources[j])
-                else:
-                    writer.add_shard(array, shard_names, ranges[j], skipped, sources[j])
-                vecs, kept, skipped = [], [], []
+        encode_shards(encoder, items, names, opts, runner, ranges, todo,
+                      lambda j, *shard: _publish_shard(writer, j, ranges[j], sources[j], *shard))
         return writer.finish()
 
 
@@ -427,10 +442,7 @@ def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shar
     if group.leader:
         try:
             writer = StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite)
-            ranges = [(a, min(a + shard_rows, len(items))) for a in range(0, len(items), shard_rows)]
-            sources = [item_sources(items[a:b]) for a, b in ranges]
-            todo = [j for j, shard in enumerate(writer.shards) if shard.get("sources") != sources[j]]
-            todo += list(range(len(writer.shards), len(ranges)))
+            ranges, sources, todo = _shards_to_write(writer, items, shard_rows)
             need = [j for j in todo if _read_part(out, j, key, sources[j], encoder.dim) is None]
             plan = {"ranges": ranges, "sources": sources, "todo": todo, "need": need}
         except EngineError as e:
@@ -447,22 +459,14 @@ def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shar
         opts = dataclasses.replace(opts, progress=False)
     elif group.world > 1:
         opts = dataclasses.replace(opts, label=f"{opts.label} (rank 0 of {group.world}: {len(mine)} of {len(plan['need'])} shards)")
-    pending = [i for j in mine for i in range(*ranges[j])]
-    ends = {ranges[j][1] - 1: j for j in mine}
-    vecs, kept, skipped = [], [], []
-    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner) if pending else ()):
-        i = pending[pos]
-        if v is None:
-            skipped.append({"item": i, "path": str(items[i][0]), "error": err})
-        else:
-            vecs.append(v)
-            kept.append(i)
-        if i in ends:
-            j = ends[i]
-            array = np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
-            _write_part(out, j, key, sources[j], ranges[j], array, [names[k] for k in kept], skipped)
-            vecs, kept, skipped = [], [], []
-    group.barrier()  # every part is written
+    try:
+        encode_shards(encoder, items, names, opts, runner, ranges, mine,
+                      lambda j, *shard: _write_part(out, j, key, sources[j], ranges[j], *shard))
+        group.barrier()  # every part is written
+    except BaseException:
+        if writer is not None:
+            writer.close()  # what was written stays, for a rerun
+        raise
     store = None
     if group.leader:
         try:
@@ -471,10 +475,7 @@ def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shar
                     part = _read_part(out, j, key, sources[j], encoder.dim)
                     if part is None:
                         raise EngineError(f"shard {j}'s part changed or vanished while the job ran: run it again", out / PARTS)
-                    if j < len(writer.shards):
-                        writer.replace_shard(j, *part, sources[j])
-                    else:
-                        writer.add_shard(part[0], part[1], ranges[j], part[2], sources[j])
+                    _publish_shard(writer, j, ranges[j], sources[j], *part)
                 shutil.rmtree(out / PARTS, ignore_errors=True)  # still under the lock: every part is in the manifest
                 store = writer.finish()
             else:
