@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,8 @@ from kernels import l2n
 from .backends import Runner, make_runner
 from .checks import check_float, check_int
 from .errors import EngineError
-from .files import save_npy, write_text
+from .distributed import Group
+from .files import save_npy, sha256_file, write_text
 from .images import DEFAULT_MAX_SIDE, read_image
 from .models import Encoder, weights_hash
 from .store import DEFAULT_SHARD_ROWS, MANIFEST, Store, StoreWriter, open_store, read_manifest
@@ -239,6 +241,9 @@ def encode_items(
             elif opts.skip_bad:
                 results[i] = (None, err)
             else:
+                # the images before it are encoded first, so that the shards they complete are kept for a rerun
+                run(buckets.pop_ready(flush=True))
+                yield from drain()
                 raise EngineError(err + " (pass --skip-bad to record it and go on)")
             run(buckets.pop_ready())
             yield from drain()
@@ -247,12 +252,25 @@ def encode_items(
 
 
 def encode_to_array(
-    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None
-) -> tuple[np.ndarray, list[int], list[dict]]:
+    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None, group: Group | None = None
+) -> tuple[np.ndarray, list[int], list[dict]] | None:
     """All items in memory: (vectors N' x D float32, indices of the encoded items, skipped [{item, path, error}]).
 
     runner: an already built runner (engine.backends.make_runner) to reuse; None: one is made from `opts`.
+    group: several processes (engine.distributed) each encode a contiguous share of the items and rank 0 gathers
+    them (queries are small: they cross over the group, not through files): the result on rank 0, None elsewhere.
     """
+    if group is not None and group.world > 1:
+        a, b = len(items) * group.rank // group.world, len(items) * (group.rank + 1) // group.world
+        if group.rank:
+            opts = dataclasses.replace(opts, progress=False)
+        vecs, kept, skipped = encode_to_array(encoder, items[a:b], opts, runner) if b > a else (
+            np.zeros((0, encoder.dim), np.float32), [], [])
+        shares = group.gather((vecs, [a + i for i in kept], [{**s, "item": a + s["item"]} for s in skipped]))
+        if shares is None:
+            return None
+        return (np.concatenate([s[0] for s in shares]), [i for s in shares for i in s[1]],
+                [e for s in shares for e in s[2]])
     vecs, kept, skipped = [], [], []
     for i, v, err in encode_items(encoder, items, opts, runner):
         if v is None:
@@ -294,6 +312,41 @@ def item_sources(items: Sequence[Item]) -> str:
     return h.hexdigest()[:32]
 
 
+def encode_shards(encoder: Encoder, items: Sequence[Item], names: Sequence[str], opts: EncodeOptions, runner: Runner | None,
+                  ranges: Sequence[tuple[int, int]], shards: Sequence[int], emit) -> None:
+    """Encode shards `shards` (indices into `ranges`, each shard's item range) in one stream, handing each to
+    `emit(j, vectors rows x D float32, names, skipped [{item, path, error}])` as soon as it is whole."""
+    pending = [i for j in shards for i in range(*ranges[j])]
+    ends = {ranges[j][1] - 1: j for j in shards}  # last item of each shard -> its index
+    vecs, kept, skipped = [], [], []
+    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner) if pending else ()):
+        i = pending[pos]
+        if v is None:
+            skipped.append({"item": i, "path": str(items[i][0]), "error": err})
+        else:
+            vecs.append(v)
+            kept.append(i)
+        if i in ends:
+            emit(ends[i], np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32), [names[k] for k in kept], skipped)
+            vecs, kept, skipped = [], [], []
+
+
+def _shards_to_write(writer: StoreWriter, items: Sequence[Item], shard_rows: int) -> tuple[list, list, list[int]]:
+    """(each shard's item range, each shard's `item_sources`, the shards to write: changed ones, then missing ones)."""
+    ranges = [(a, min(a + shard_rows, len(items))) for a in range(0, len(items), shard_rows)]
+    sources = [item_sources(items[a:b]) for a, b in ranges]
+    todo = [j for j, shard in enumerate(writer.shards) if shard.get("sources") != sources[j]]
+    return ranges, sources, todo + list(range(len(writer.shards), len(ranges)))
+
+
+def _publish_shard(writer: StoreWriter, j: int, items: tuple[int, int], sources: str, vectors, names, skipped) -> None:
+    """Shard j into the store: a rewrite of a changed shard, or the next one appended (shards are written in order)."""
+    if j < len(writer.shards):
+        writer.replace_shard(j, vectors, names, skipped, sources)
+    else:
+        writer.add_shard(vectors, names, items, skipped, sources)
+
+
 def encode_to_store(
     encoder: Encoder,
     items: Sequence[Item],
@@ -305,6 +358,7 @@ def encode_to_store(
     overwrite: bool = False,
     rebuild_stale: bool = False,
     runner: Runner | None = None,
+    group: Group | None = None,
 ) -> Store:
     """Encode items into a store shard by shard, under the store's write lock.
 
@@ -313,40 +367,123 @@ def encode_to_store(
     encoded (size or mtime); a complete, unchanged store is returned as it is. A store of another job (other
     weights, image list or resolution) is an error, or is rebuilt with `rebuild_stale` (for folders the
     caller owns as a cache). runner: an already built runner to reuse; None: one is made from `opts`.
+    group: the processes sharing the job (engine.distributed; None: torchrun's, or this process alone): with
+    several, each encodes its share of the shards (`_encode_in_parts`) and the store is the same, byte for byte.
     """
     if len(items) == 0:
         raise EngineError("nothing to encode: the image list is empty")
     info = {"encoder": encoder.config, "encode": opts.describe()}
     key = source_key(encoder, items, opts)
+    if group is None:
+        group = Group()
     if not overwrite and rebuild_stale and (Path(out) / MANIFEST).exists():
         overwrite = read_manifest(Path(out)).get("source_key") != key
+    if group.world > 1 or (Path(out) / PARTS).is_dir():
+        return _encode_in_parts(encoder, items, names, Path(out), opts, shard_rows, dtype, overwrite, runner, group, info, key)
     with StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite) as writer:
-        ranges = [(a, min(a + shard_rows, len(items))) for a in range(0, len(items), shard_rows)]
-        sources = [item_sources(items[a:b]) for a, b in ranges]
-        todo = [j for j, shard in enumerate(writer.shards) if shard.get("sources") != sources[j]]
-        todo += list(range(len(writer.shards), len(ranges)))
+        ranges, sources, todo = _shards_to_write(writer, items, shard_rows)
         if not todo and writer.complete:
             return Store(writer.path, writer.manifest)  # the same job, the same images: nothing to do
-        pending = [i for j in todo for i in range(*ranges[j])]
-        ends = {ranges[j][1] - 1: j for j in todo}  # last item of each shard to write -> its index
-        vecs, kept, skipped = [], [], []
-        for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner)):
-            i = pending[pos]
-            if v is None:
-                skipped.append({"item": i, "path": str(items[i][0]), "error": err})
-            else:
-                vecs.append(v)
-                kept.append(i)
-            if i in ends:
-                j = ends[i]
-                array = np.stack(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
-                shard_names = [names[k] for k in kept]
-                if j < len(writer.shards):
-                    writer.replace_shard(j, array, shard_names, skipped, sources[j])
-                else:
-                    writer.add_shard(array, shard_names, ranges[j], skipped, sources[j])
-                vecs, kept, skipped = [], [], []
+        encode_shards(encoder, items, names, opts, runner, ranges, todo,
+                      lambda j, *shard: _publish_shard(writer, j, ranges[j], sources[j], *shard))
         return writer.finish()
+
+
+# ---------------------------------------------------------------- one store, written by several processes
+
+PARTS = "parts"  # inside the store: shards encoded by any rank, waiting for rank 0 to commit them
+
+
+def _part_paths(out: Path, j: int) -> tuple[Path, Path]:
+    stem = out / PARTS / f"shard-{j:05d}"
+    return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+
+def _write_part(out: Path, j: int, key: str, sources: str, items: tuple[int, int], vectors: np.ndarray,
+                names: list[str], skipped: list[dict]) -> None:
+    """Shard j's vectors (.npy) and then its record (.json, naming the vectors' sha256), each written into place:
+    a record exists only once its vectors are whole."""
+    npy, record = _part_paths(out, j)
+    sha = save_npy(npy, np.ascontiguousarray(vectors, dtype=np.float32))
+    write_text(record, json.dumps({"source_key": key, "sources": sources, "items": list(items), "sha256": sha,
+                                   "names": names, "skipped": skipped}))
+
+
+def _read_part(out: Path, j: int, key: str, sources: str, dim: int) -> tuple[np.ndarray, list, list] | None:
+    """Shard j's part as (vectors rows x dim float32, names, skipped) if it is this job's, for these images, and
+    its vectors' bytes are those its record names; None otherwise (it is encoded again)."""
+    npy, record = _part_paths(out, j)
+    try:
+        r = json.loads(record.read_bytes())
+        if not (isinstance(r, dict) and r.get("source_key") == key and r.get("sources") == sources
+                and isinstance(r.get("names"), list) and all(isinstance(n, str) for n in r["names"])
+                and isinstance(r.get("skipped"), list) and sha256_file(npy) == r.get("sha256")):
+            return None
+        vectors = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if vectors.dtype != np.float32 or vectors.shape != (len(r["names"]), dim):
+        return None
+    return vectors, r["names"], r["skipped"]
+
+
+def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shard_rows, dtype, overwrite, runner,
+                     group: Group, info: dict, key: str) -> Store:
+    """`encode_to_store` by a job of `group.world` processes, the job as a whole being the store's one writer.
+
+    Rank 0 takes the store's write lock (a second job is refused on every rank) and plans: the shards to
+    (re)write, less those a killed run left whole in parts/, shared round-robin among the ranks. Each rank
+    encodes its shards into parts/ (vectors, then a record with their sha256); after a barrier rank 0 commits
+    every part in the image list's order through the one StoreWriter, so the store (ids, names, bytes) is the
+    one a single process writes, then deletes parts/. A rerun with any number of processes (1 too) trusts only
+    parts whose bytes match their record, and encodes the rest.
+    """
+    writer = plan = None
+    if group.leader:
+        try:
+            writer = StoreWriter(out, encoder.space, encoder.dim, dtype, shard_rows, len(items), key, info, overwrite)
+            ranges, sources, todo = _shards_to_write(writer, items, shard_rows)
+            need = [j for j in todo if _read_part(out, j, key, sources[j], encoder.dim) is None]
+            plan = {"ranges": ranges, "sources": sources, "todo": todo, "need": need}
+        except EngineError as e:
+            if writer is not None:
+                writer.close()
+            group.broadcast({"error": (str(e.args[0]), e.path)})
+            raise
+    plan = group.broadcast(plan)
+    if "error" in plan:
+        raise EngineError(plan["error"][0], plan["error"][1])
+    ranges, sources = plan["ranges"], plan["sources"]
+    mine = plan["need"][group.rank::group.world]
+    if not group.leader:
+        opts = dataclasses.replace(opts, progress=False)
+    elif group.world > 1:
+        opts = dataclasses.replace(opts, label=f"{opts.label} (rank 0 of {group.world}: {len(mine)} of {len(plan['need'])} shards)")
+    try:
+        encode_shards(encoder, items, names, opts, runner, ranges, mine,
+                      lambda j, *shard: _write_part(out, j, key, sources[j], ranges[j], *shard))
+        group.barrier()  # every part is written
+    except BaseException:
+        if writer is not None:
+            writer.close()  # what was written stays, for a rerun
+        raise
+    store = None
+    if group.leader:
+        try:
+            if plan["todo"] or not writer.complete:  # else the same job, the same images: nothing to do
+                for j in plan["todo"]:
+                    part = _read_part(out, j, key, sources[j], encoder.dim)
+                    if part is None:
+                        raise EngineError(f"shard {j}'s part changed or vanished while the job ran: run it again", out / PARTS)
+                    _publish_shard(writer, j, ranges[j], sources[j], *part)
+                shutil.rmtree(out / PARTS, ignore_errors=True)  # still under the lock: every part is in the manifest
+                store = writer.finish()
+            else:
+                store = Store(writer.path, writer.manifest)
+        finally:
+            writer.close()
+    group.barrier()  # the store is published
+    return store if group.leader else open_store(out)
 
 
 def store_encoder(store_path: str | Path, encoder: Encoder | None = None) -> Encoder:

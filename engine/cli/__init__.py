@@ -156,7 +156,15 @@ def encode(
     dtype: str = typer.Option("float32", "--dtype", **opt.DTYPE, help="Store dtype"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete store (or replace Q.npy)"),
 ):
-    """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar)."""
+    """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar).
+
+    Under `torchrun --nproc-per-node N [--nnodes M ...] $(which engine) encode ...` the processes share a
+    store's shards (one device each with --device cuda) and rank 0 publishes it, as one process would have;
+    for Q.npy each encodes a share of the queries and rank 0 writes them all.
+    """
+    from ..distributed import Group, rank_device
+
+    group = Group()
     if out_path.suffix == ".npy":
         opt.output_file(out_path)
         if out_path.exists() and not overwrite:
@@ -164,6 +172,7 @@ def encode(
     else:
         opt.output_folder(out_path)
     opt.require_device(device)
+    device = rank_device(device, group)
     from ..encode import EncodeOptions, encode_to_array, encode_to_store, save_vectors
 
     enc = resolve_encoder(model, student, target, weights)
@@ -172,15 +181,25 @@ def encode(
                          skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}", backend=runner,
                          compile=compile_, cache_dir=cache_dir)
     if out_path.suffix == ".npy":
-        vecs, kept, skipped = encode_to_array(enc, items, opts)
+        try:
+            shares = encode_to_array(enc, items, opts, group=group)
+        finally:
+            group.close()
+        if shares is None:
+            return  # rank 0 writes the file
+        vecs, kept, skipped = shares
         meta = {"space": enc.space, "dim": enc.dim, "encoder": enc.config, "encode": opts.describe(),
                 "names": [names[i] for i in kept], "skipped": skipped}
         save_vectors(out_path, vecs, meta)
         console.print(f"wrote {len(vecs)} x {enc.dim} vectors to {out_path} (space {enc.space}); skipped {len(skipped)}")
     else:
-        store = encode_to_store(enc, items, names, out_path, opts, shard_rows, dtype, overwrite)
-        console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} in {len(store.manifest['shards'])} shard(s) "
-                      f"(space {store.space}); skipped {len(store.skipped)}")
+        try:
+            store = encode_to_store(enc, items, names, out_path, opts, shard_rows, dtype, overwrite, group=group)
+        finally:
+            group.close()
+        if group.leader:
+            console.print(f"store {out_path}: {store.count} x {store.dim} {dtype} in {len(store.manifest['shards'])} shard(s) "
+                          f"(space {store.space}); skipped {len(store.skipped)}")
 
 
 @app.command()

@@ -1,0 +1,158 @@
+"""`torchrun --nproc-per-node 2 engine encode` (gloo, CPU) writes the store one process writes, byte for byte,
+and a job that lost a rank (an error, or kill -9 of the whole job) resumes from the shards it finished."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ENGINE = shutil.which("engine", path=os.path.dirname(sys.executable))
+N = 10  # images; 2 per shard: 5 shards, rank 1 of 2 gets shards 1 and 3
+
+
+def save_images(folder: Path) -> None:
+    from skimage import data
+
+    folder.mkdir()
+    photos = [data.astronaut(), data.coffee(), data.chelsea()]
+    for i in range(N):
+        img = Image.fromarray(np.roll(photos[i % 3], 30 * i, axis=1))
+        img.thumbnail((64, 64))
+        img.save(folder / f"im{i:02d}.png")
+
+
+def args(imgs: Path, out: Path) -> list[str]:
+    return ["encode", "--model", "effnet-lite2-gem", "--images", str(imgs), "--out", str(out), "--runner", "torch",
+            "--workers", "0", "--max-side", "64", "--shard-rows", "2", "--batch-size", "2"]
+
+
+def launch(imgs: Path, out: Path, nproc: int, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", ENGINE, *args(imgs, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def encode(imgs: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    job = launch(imgs, out, nproc)
+    stdout, stderr = job.communicate(timeout=300)
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
+def contents(store: Path) -> dict[str, bytes]:
+    """Every file of a store but its lock, by relative path (the manifest too: ids, names, shas, generation)."""
+    return {str(f.relative_to(store)): f.read_bytes() for f in sorted(store.rglob("*")) if f.is_file() and f.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """(image folder, the store one process encodes from it)."""
+    root = tmp_path_factory.mktemp("dist")
+    save_images(root / "imgs")
+    one = subprocess.run([ENGINE, *args(root / "imgs", root / "one")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    return root / "imgs", root / "one"
+
+
+def test_two_processes_write_the_single_process_store(gallery, tmp_path):
+    imgs, one = gallery
+    done = encode(imgs, tmp_path / "two", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (done.stdout + done.stderr).count(" shard(s) ") == 1  # rank 0 reports, once
+    assert not (tmp_path / "two" / "parts").exists()
+    assert contents(tmp_path / "two") == contents(one)
+
+
+def test_a_failed_rank_is_resumed_by_two_processes(gallery, tmp_path):
+    imgs, one = gallery
+    work = tmp_path / "imgs"
+    shutil.copytree(imgs, work, copy_function=shutil.copy2)  # mtimes kept: the shards' fingerprints are the reference's
+    good = (work / "im06.png").read_bytes()
+    (work / "im06.png").write_bytes(b"not a png")  # rank 1's second shard
+    failed = encode(work, tmp_path / "two", 2)
+    assert failed.returncode != 0 and "im06.png" in failed.stderr
+    assert (tmp_path / "two" / "parts" / "shard-00001.json").exists()  # rank 1's first shard was kept
+    assert not json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
+
+    (work / "im06.png").write_bytes(good)
+    os.utime(work / "im06.png", ns=(os.stat(imgs / "im06.png").st_atime_ns, os.stat(imgs / "im06.png").st_mtime_ns))
+    done = encode(work, tmp_path / "two", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = {k: v for k, v in contents(one).items() if k != "manifest.json"}
+    assert {k: v for k, v in contents(tmp_path / "two").items() if k != "manifest.json"} == ref
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (one, tmp_path / "two"))
+    assert a.pop("source_key") != b.pop("source_key")  # another folder: the only difference
+    for m in (a, b):
+        for shard in m["shards"]:
+            shard.pop("sources")
+    assert a == b
+
+
+def test_a_killed_job_is_resumed_by_one_process_that_encodes_only_the_missing_shards(gallery, tmp_path, run_cli, monkeypatch):
+    imgs, one = gallery
+    work, out = tmp_path / "imgs", tmp_path / "two"
+    shutil.copytree(imgs, work, copy_function=shutil.copy2)
+    (work / "im06.png").unlink()
+    os.mkfifo(work / "im06.png")  # rank 1 hangs reading it: a job stuck midway, at a known point
+    listing = work / "list.txt"  # a list names the pipe (a folder's listing keeps only regular files)
+    listing.write_text("".join(f"im{i:02d}.png\n" for i in range(N)))
+    job = launch(listing, out, 2, start_new_session=True)
+    rank0 = [out / "parts" / f"shard-{j:05d}.json" for j in (0, 2, 4)]
+    deadline = time.monotonic() + 120
+    while not all(p.exists() for p in rank0) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks: kill -9 of the whole job
+    job.communicate()
+    assert all(p.exists() for p in rank0)
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    missing = [j for j in range(N // 2) if not (out / "parts" / f"shard-{j:05d}.json").exists()]
+    assert 3 in missing  # rank 1's shard with the pipe
+
+    (work / "im06.png").unlink()
+    shutil.copy2(imgs / "im06.png", work / "im06.png")
+    import engine.encode
+
+    decoded = []
+    real = engine.encode.read_image
+    monkeypatch.setattr(engine.encode, "read_image", lambda path, *a: decoded.append(path.name) or real(path, *a))
+    code, _, err = run_cli(*args(listing, out))
+    assert code == 0, err
+    assert sorted(decoded) == [f"im{i:02d}.png" for j in missing for i in (2 * j, 2 * j + 1)]  # those shards, only
+    assert not (out / "parts").exists()
+    ref = {k: v for k, v in contents(one).items() if k != "manifest.json"}
+    assert {k: v for k, v in contents(out).items() if k != "manifest.json"} == ref
+
+
+def test_a_second_writer_is_refused_on_every_rank(gallery, tmp_path):
+    from engine.lock import WriteLock
+
+    imgs, _ = gallery
+    out = tmp_path / "s"
+    out.mkdir()
+    held = WriteLock(out)  # another writer at work on this store
+    try:
+        done = encode(imgs, out, 2)
+    finally:
+        held.release()
+    assert done.returncode != 0
+    assert done.stderr.count("one writer at a time") == 2  # rank 0 was refused, and told rank 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no manifest, no parts
+
+
+def test_two_processes_write_the_single_process_query_vectors(gallery, tmp_path):
+    imgs, _ = gallery
+    one = subprocess.run([ENGINE, *args(imgs, tmp_path / "one.npy")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    done = encode(imgs, tmp_path / "two.npy", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "two.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
+    assert (tmp_path / "two.npy.json").read_bytes() == (tmp_path / "one.npy.json").read_bytes()
+    assert len(json.loads((tmp_path / "two.npy.json").read_text())["names"]) == N
