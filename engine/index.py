@@ -20,10 +20,6 @@ from .errors import EngineError
 from .search import Source, check_gallery, search_sources
 from .store import ShardView, Store, open_store, read_manifest
 
-# Opening maps every shard, then checks that the manifest did not change meanwhile (a writer publishing); so
-# many tries before giving up.
-OPEN_TRIES = 5
-
 
 def _held(view: ShardView, in_memory: bool) -> ShardView:
     if not in_memory:
@@ -34,20 +30,15 @@ def _held(view: ShardView, in_memory: bool) -> ShardView:
 
 def _open_source(path: Path, offset: int, in_memory: bool, only: frozenset[int] | None) -> Source:
     """One store opened whole: every copy's shard views (of the `only` shards when given) held for searches."""
-    for _ in range(OPEN_TRIES):
-        store = open_store(path)
-        count = len(store.manifest["shards"])
-        if only is not None and not only <= set(range(count)):
-            raise EngineError(f"shards {sorted(only - set(range(count)))} are not in the store ({count} shards)", path)
-        views = {
-            dtype: tuple(_held(v, in_memory) for v in store.shards(dtype) if only is None or v.index in only)
-            for dtype in store.dtypes
-        }
-        deleted = np.asarray(store.deleted_rows(), dtype=np.int64)
-        if read_manifest(path) == store.manifest:  # no writer published while the files were mapped
-            break
-    else:
-        raise EngineError(f"the store changed {OPEN_TRIES} times while it was being opened: retry later", path)
+    store = open_store(path)  # maps every file of one generation (retrying if a writer unlinks them meanwhile)
+    count = len(store.manifest["shards"])
+    if only is not None and not only <= set(range(count)):
+        raise EngineError(f"shards {sorted(only - set(range(count)))} are not in the store ({count} shards)", path)
+    views = {
+        dtype: tuple(_held(v, in_memory) for v in store.shards(dtype) if only is None or v.index in only)
+        for dtype in store.dtypes
+    }
+    deleted = np.asarray(store.deleted_rows(), dtype=np.int64)
     held = views[store.exact_dtype]
     if only is not None:
         inside = np.zeros(len(deleted), bool)
