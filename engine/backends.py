@@ -11,8 +11,10 @@ stale file and an unchanged one is exported once.
 
 Which backend "auto" picks on CPU was measured (bench/bench_encode.py, 2-core x86 machine,
 student at 362 x 362, batch 8, median of repeats): see `CPU_AUTO` below. On CUDA "auto" is
-eager torch with the fused Triton head; TensorRT is opt-in because its engine is fp16 by
-default (different numbers) and takes minutes to build the first time.
+eager torch with the fused Triton head, replayed as CUDA graphs (`GraphedForward`): one graph per
+(padded batch, image size) bucket captures the whole forward, trunk and head, so the host issues one launch
+per batch instead of hundreds; TensorRT is opt-in because its engine is fp16 by default (different numbers)
+and takes minutes to build the first time.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +42,10 @@ CPU_AUTO = "onnxruntime"
 # channels_last in eager torch on CPU: 1.2-1.8x faster for these trunks (same measurement); on CUDA it lets
 # cuDNN pick NHWC (tensor-core) kernels.
 CPU_CHANNELS_LAST = True
+# Captured CUDA graphs kept per torch runner (least recently used dropped first): each holds its own memory pool
+# (the forward's activations at that bucket's shape, a few GB for a 1024-px batch), and an encoding job meets a
+# few image sizes (landscape, portrait, the last part-full batch).
+GRAPH_BUCKETS = 4
 # Exports are tens of MB and training validates a new student every epoch: keep only the newest few.
 CACHE_KEEP = 8
 
@@ -108,12 +116,83 @@ def prune_cache(folder: Path, pattern: str, keep: int = CACHE_KEEP) -> None:
 # ---------------------------------------------------------------- the runners
 
 
+def bucket_batch(n: int) -> int:
+    """The batch a graph is captured for: the smallest power of two >= n, so a few graphs serve every batch size."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Bucket:
+    """One shape bucket: a static input (padded batch x 3 x H x W float32) and, on CUDA, the graph captured over it
+    with its static output."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, channels_last: bool):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.input = torch.empty(shape, device=device, dtype=torch.float32, memory_format=fmt).zero_()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
+
+    def capture(self, model: torch.nn.Module) -> None:
+        """Warm up on a side stream (lazy initialisation, Triton's compilation), then capture one forward, as
+        PyTorch's CUDA graph docs require."""
+        side = torch.cuda.Stream(self.input.device)
+        side.wait_stream(torch.cuda.current_stream(self.input.device))
+        with torch.cuda.stream(side):
+            model(self.input)
+        torch.cuda.current_stream(self.input.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = model(self.input)
+
+
+class GraphedForward:
+    """`model` run over shape buckets: a batch of n images is copied into the static input of the bucket
+    (bucket_batch(n), 3, H, W), the bucket's forward runs, the first n rows are returned as a new tensor.
+
+    On CUDA the forward is a CUDA graph captured on the bucket's first use and replayed afterwards; elsewhere the
+    model runs eagerly on the same padded input (the path the CPU tests cover). Padding rows hold zeros or an
+    earlier batch's images: every layer of an eval-mode encoder is per-image, so they never touch the first n rows.
+    At most `capacity` buckets are kept, least recently used dropped first. Calls are serialised by a lock:
+    a bucket's static input and output are shared state.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool, capacity: int = GRAPH_BUCKETS):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.model = model
+        self.device = device
+        self.channels_last = channels_last
+        self.capacity = capacity
+        self.buckets: OrderedDict[tuple[int, ...], _Bucket] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B x 3 x H x W (any device, any float dtype) -> the model's B x D output, float32, on `device`."""
+        n = images.shape[0]
+        key = (bucket_batch(n), *images.shape[1:])
+        with self.lock:
+            bucket = self.buckets.pop(key, None) or _Bucket(key, self.device, self.channels_last)
+            self.buckets[key] = bucket  # the most recently used: last
+            while len(self.buckets) > self.capacity:
+                self.buckets.popitem(last=False)
+            # Straight into the static input: the host-to-device copy is the only copy of the images.
+            bucket.input[:n].copy_(images, non_blocking=True)
+            if self.device.type != "cuda":
+                return self.model(bucket.input)[:n].float()
+            if bucket.graph is None:
+                bucket.capture(self.model)
+            bucket.graph.replay()
+            # A copy: the next replay overwrites the static output.
+            return bucket.output[:n].float().clone()
+
+
 class TorchRunner:
-    """Eager (or torch.compile'd) encoder under inference_mode; output on the runner's device."""
+    """Eager (or torch.compile'd) encoder under inference_mode, or its CUDA graphs (`GraphedForward`) when
+    `cuda_graphs`; output on the runner's device."""
 
     backend = "torch"
 
-    def __init__(self, encoder: Encoder, device: torch.device, compile: bool, channels_last: bool):
+    def __init__(self, encoder: Encoder, device: torch.device, compile: bool, channels_last: bool,
+                 cuda_graphs: bool = False, graph_buckets: int = GRAPH_BUCKETS):
         self.device = device
         self.channels_last = channels_last
         model = encoder.to(device).eval()
@@ -121,9 +200,12 @@ class TorchRunner:
             model = model.to(memory_format=torch.channels_last)
         # dynamic=None: static first, then one shape-generic recompile when a second image size arrives.
         self.model = torch.compile(model) if compile else model
+        self.graphed = GraphedForward(self.model, device, channels_last, graph_buckets) if cuda_graphs else None
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.graphed is not None:
+            return self.graphed(images)
         x = images.to(self.device, torch.float32, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -206,11 +288,13 @@ def make_runner(
     fp16: bool = True,
     max_batch: int = TRT_MAX[0],
     max_side: int = TRT_MAX[1],
+    cuda_graphs: bool | None = None,
 ) -> Runner:
     """A callable images (B x 3 x H x W float32 in [0, 1]) -> B x D float32 descriptors (torch tensor).
 
     backend: "auto" (resolve_backend), "torch", "onnxruntime" or "tensorrt"; device: "cpu" or "cuda".
-    torch only: compile (torch.compile) and channels_last (None: on for CUDA, CPU_CHANNELS_LAST on CPU).
+    torch only: compile (torch.compile), channels_last (None: on for CUDA, CPU_CHANNELS_LAST on CPU) and
+    cuda_graphs (None: on for CUDA without compile; on CPU True runs the same shape buckets eagerly).
     onnxruntime: threads (intra-op; None: torch's thread count). tensorrt: fp16 and the profile's
     max_batch / max_side. Exported files are cached in cache_dir (None: default_cache_dir()).
     The torch runner moves `encoder` to `device`; the others leave it where it is.
@@ -219,7 +303,8 @@ def make_runner(
     name = resolve_backend(backend, device)
     if name == "torch":
         cl = (device.type == "cuda" or CPU_CHANNELS_LAST) if channels_last is None else channels_last
-        return TorchRunner(encoder, device, compile, cl)
+        graphs = (device.type == "cuda" and not compile) if cuda_graphs is None else cuda_graphs
+        return TorchRunner(encoder, device, compile, cl, graphs)
     if name == "onnxruntime":
         return OnnxRuntimeRunner(cached_onnx(encoder, cache_dir), device, threads)
     trt = import_tensorrt()

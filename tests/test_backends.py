@@ -11,7 +11,7 @@ from skimage import data
 from test_export import photos  # one helper for both files: real photographs at a given size
 
 from engine import backends
-from engine.backends import cache_key, cached_onnx, make_runner, prune_cache, resolve_backend
+from engine.backends import GraphedForward, bucket_batch, cache_key, cached_onnx, make_runner, prune_cache, resolve_backend
 from engine.encode import EncodeOptions, ShapeBuckets, describe, encode_items, encode_to_array, to_batch
 from engine.errors import EngineError
 from engine.images import load_image, read_image
@@ -56,6 +56,65 @@ def test_runner_equals_eager_torch(student, cache, backend, channels_last):
         got = runner(x)
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.device.type == "cpu"
         np.testing.assert_allclose(got.numpy(), eager(student, x), atol=1e-4, rtol=0)
+
+
+def test_bucket_batch_is_the_next_power_of_two():
+    assert [bucket_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 64]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bucketed_runner_on_cpu_equals_the_plain_runner(student, channels_last):
+    # cuda_graphs=True on the CPU: the same buckets and padding as on CUDA, the forward run eagerly.
+    plain = make_runner(student, "torch", "cpu", channels_last=channels_last, cuda_graphs=False)
+    bucketed = make_runner(student, "torch", "cpu", channels_last=channels_last, cuda_graphs=True)
+    assert plain.graphed is None and bucketed.graphed is not None
+    x = photos(8, 96, 96)
+    # 3 rows padded to 4 (zeros), then 4 rows filling the bucket, then 3 again: the padding row now holds an
+    # earlier batch's image; then 5 rows (bucket 8) and another image size.
+    for batch in (x[:3], x[4:8], x[5:8].flip(0), x[:5], photos(2, 64, 80)):
+        got = bucketed(batch)
+        assert got.shape == (len(batch), student.dim) and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), plain(batch).numpy(), atol=1e-5, rtol=0)
+    assert list(bucketed.graphed.buckets) == [(4, 3, 96, 96), (8, 3, 96, 96), (2, 3, 64, 80)]
+    assert all(b.input.is_contiguous(memory_format=torch.channels_last) == channels_last
+               for b in bucketed.graphed.buckets.values())
+
+
+def test_buckets_are_least_recently_used_and_bounded():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    graphed = GraphedForward(net, torch.device("cpu"), channels_last=False, capacity=2)
+    a, b, c = torch.rand(2, 3, 8, 8), torch.rand(3, 3, 8, 8), torch.rand(2, 3, 9, 9)
+    with torch.no_grad():
+        graphed(a)
+        first = graphed.buckets[(2, 3, 8, 8)]
+        graphed(b)
+        graphed(a)  # a's bucket is now the most recent: c's arrival drops b's
+        graphed(c)
+        assert list(graphed.buckets) == [(2, 3, 8, 8), (2, 3, 9, 9)]
+        assert graphed.buckets[(2, 3, 8, 8)] is first  # kept, not rebuilt
+        torch.testing.assert_close(graphed(b), net(b), rtol=0, atol=1e-6)  # rebuilt after its eviction
+        assert list(graphed.buckets) == [(2, 3, 9, 9), (4, 3, 8, 8)]
+    with pytest.raises(ValueError, match="capacity"):
+        GraphedForward(net, torch.device("cpu"), channels_last=False, capacity=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_equal_the_eager_forward_on_the_gpu():
+    enc = build_student("effnet-lite0", 1280, "s")
+    eager_gpu = make_runner(enc, "torch", "cuda", cuda_graphs=False)
+    graphed = make_runner(enc, "torch", "cuda")  # the default on CUDA
+    assert graphed.graphed is not None
+    x = photos(8, 160, 224)
+    for batch in (x[:4], x[4:8], x[:3], x[2:5]):  # a full bucket, a replay, a padded one and its replay
+        got, want = graphed(batch), eager_gpu(batch)
+        assert got.device.type == "cuda" and got.shape == want.shape
+        # The same kernels on the same shapes: equal to float32 rounding; a padded batch may get other cuDNN
+        # algorithms (TF32) than the eager batch of 3: unit vectors within 5e-3, as CUDA against the CPU.
+        tol = 1e-5 if len(batch) == 4 else 5e-3
+        assert (got - want).abs().max().item() <= tol, len(batch)
+    assert list(graphed.graphed.buckets) == [(4, 3, 160, 224)]
+    assert all(b.graph is not None for b in graphed.graphed.buckets.values())
 
 
 def multiscale_float64(enc, x: torch.Tensor, scales, p: float) -> np.ndarray:
