@@ -1,133 +1,183 @@
-"""Throughput of the descriptor head: fused Triton kernels vs the eager torch reference vs torch.compile of it.
+"""The descriptor head's GPU time against its memory bound, and the encoder's forward eager vs as CUDA graphs.
 
-Run: `pytest bench/bench_head.py --benchmark-json=head.json` (add `-k small` on a CPU machine).
-On CUDA every timed call ends with a synchronize, so times include launch latency; extra_info then also
-holds the GPU time alone (triton.testing.do_bench: CUDA events, L2 flushed between calls) and its ratio to
-the memory bound (the bytes read at the device's read bandwidth, measured here as a 1 GiB sum).
-The Triton case needs CUDA (the CPU interpreter is ~100x slower than torch and says nothing
-about speed); it is skipped elsewhere. extra_info: bytes_read (map + W + b) and the GB/s
-they imply at the median time, to compare with the device's memory bandwidth.
-Every backend is also a record of bench/report.py: a row in the table printed at the end (images/s, the ratio to
-eager, on CUDA the fraction of the memory bound), head.png under --bench-out.
+Run on a CUDA machine (about 40 s on an H200; prints markdown tables to stdout):
+    python bench/bench_head.py
+and on a CPU, to check that the script works (tiny shapes, the Triton kernels in Triton's interpreter, CUDA-only
+rows left empty; the times mean nothing):
+    python bench/bench_head.py --tiny
+
+Head (B=64, C=2048, 24 x 24, D=2048; fp32 NCHW, fp32 channels_last, bf16 channels_last), per variant:
+- "Triton, launched": `kernels.gem_whiten` called from Python, three kernel launches;
+- "Triton, CUDA graph": the same calls captured once and replayed: no host launches, the floor of these kernels;
+- "GeM alone, graph" and "whitening + L2, graph": the stages apart, to see which one is off its bound;
+- "eager torch, launched": the reference, for scale.
+GPU time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median. Bound: the bytes the variant
+must read (map, W, b) at the read bandwidth measured here (a 1 GiB float32 sum). rel err: max|out - ref| / max|ref|
+against the torch reference on the same input, from the variant's last call (for a graph, its last replay; on the
+CPU, where graph rows have no time, from a plain call).
+
+Encoder (EfficientNet-Lite0 student, channels_last float32, images already on the device): images/s of the torch
+runner eager and with CUDA graphs (engine.backends.GraphedForward), wall time over repeated calls.
 """
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
 
-import pytest
 import torch
 
-import kernels
-import report
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Before kernels.triton_head is imported: Triton chooses interpreter or compiler when it decorates a kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+import kernels  # noqa: E402
+from engine.backends import capture_cuda_graph, make_runner  # noqa: E402
+from engine.models import build_student  # noqa: E402
+from kernels import triton_head  # noqa: E402
 
-# name: (B, C, H, W, D, dtype, channels_last)
-CASES = {
-    "large-fp32-nchw": (64, 2048, 24, 24, 2048, torch.float32, False),
-    "large-fp32-nhwc": (64, 2048, 24, 24, 2048, torch.float32, True),
-    "large-bf16-nhwc": (64, 2048, 24, 24, 2048, torch.bfloat16, True),
-    "small-fp32-nchw": (8, 512, 12, 12, 512, torch.float32, False),
-}
-BACKENDS = ["triton", "eager", "compile"]
-
-
-def _skip_reason(case: str, backend: str) -> str | None:
-    if backend == "triton" and (DEVICE != "cuda" or importlib.util.find_spec("triton") is None):
-        return "the Triton head is timed on CUDA only"
-    if DEVICE == "cpu" and not case.startswith("small"):
-        return "large cases are for a GPU (seconds per call on a small CPU)"
-    if DEVICE == "cpu" and case.endswith("bf16-nhwc"):
-        return "bfloat16 maps are a GPU case"
-    return None
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+HEAD_CASES = [("fp32, NCHW", torch.float32, False), ("fp32, channels_last", torch.float32, True),
+              ("bf16, channels_last", torch.bfloat16, True)]
+HEAD_SHAPE = {"full": (64, 2048, 24, 24, 2048), "tiny": (4, 40, 5, 6, 24)}  # B, C, H, W, D
+ENCODER_CASES = {"full": [(1024, 16), (362, 64)], "tiny": [(64, 2)]}  # side, batch
+ENCODER_REPS = {"full": 30, "tiny": 2}
 
 
-def _head(backend: str):
-    if backend == "triton":
-        return lambda x, p, W, b: kernels.gem_whiten(x, p, W, b, backend="triton")
-    if backend == "compile":
-        # A fresh compiled function per case, static shapes: what a deployed encoder would use.
-        return torch.compile(kernels.gem_whiten_reference, fullgraph=True, dynamic=False)
-    return kernels.gem_whiten_reference
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
-def _graph_us(fn) -> float | None:
-    """GPU time of `fn` replayed as a CUDA graph: without the host's launch overhead, which the do_bench time
-    of a few short kernels launched from Python includes. None when the call cannot be captured."""
-    from triton.testing import do_bench
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:
-        return None
-    return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3
-
-
-@pytest.fixture(scope="session")
-def read_gbps() -> float | None:
-    """The device's read bandwidth (GB/s): a 1 GiB float32 sum, GPU time; None on the CPU."""
-    if DEVICE != "cuda":
-        return None
-    from triton.testing import do_bench
-
-    big = torch.ones(1 << 28, device=DEVICE)
-    return big.numel() * 4 / do_bench(lambda: big.sum(), warmup=10, rep=100, return_mode="median") / 1e6
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
-@torch.inference_mode()
-def test_head(benchmark, bench_report, read_gbps, case, backend):
-    reason = _skip_reason(case, backend)
-    if reason:
-        pytest.skip(reason)
-    B, C, H, Wd, D, dtype, channels_last = CASES[case]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.relu(torch.randn(B, C, H, Wd, device=DEVICE, generator=g)).to(dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    W = torch.randn(D, C, device=DEVICE, generator=g) / C**0.5
-    b = torch.randn(D, device=DEVICE, generator=g) * 0.1
-    p = torch.tensor(3.0, device=DEVICE)
-    head = _head(backend)
-
-    out = head(x, p, W, b)  # warm-up: compiles, and checks the numbers before timing them
-    ref = kernels.gem_whiten_reference(x, p, W, b)
-    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
-
-    def run():
-        head(x, p, W, b)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(run)
-    bytes_read = x.numel() * x.element_size() + W.numel() * W.element_size() + b.numel() * b.element_size()
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-        bytes_read=bytes_read,
-        gb_per_s=round(bytes_read / benchmark.stats.stats.median / 1e9, 1),
-    )
-    bound = None
-    if read_gbps:
+def gpu_us(fn) -> float:
+    """Median microseconds of one call of `fn`: GPU time (do_bench) on CUDA, wall time on the CPU."""
+    if CUDA:
         from triton.testing import do_bench
 
-        gpu_us = do_bench(lambda: head(x, p, W, b), warmup=10, rep=100, return_mode="median") * 1e3
-        bound_us = bytes_read / read_gbps / 1e3
-        graph = _graph_us(lambda: head(x, p, W, b))
-        benchmark.extra_info.update(gpu_us=round(gpu_us, 1), read_gbps=round(read_gbps), bound_us=round(bound_us, 1),
-                                    x_bound=round(gpu_us / bound_us, 2),
-                                    graph_us=graph and round(graph, 1), graph_x_bound=graph and round(graph / bound_us, 2))
-        bound = bound_us / gpu_us
-    # Backends are separate benchmarks: their ratio to eager is of medians taken apart. The bound (CUDA only): the
-    # bytes read at the measured read bandwidth over the GPU time.
-    bench_report.add(benchmark, "head", case, [report.record(
-        backend, B / benchmark.stats.stats.median, benchmark.stats.stats.data, baseline="eager", unit="images/s",
-        bound_fraction=bound, bound_kind="memory" if bound else None)], B=B, C=C, H=H, W=Wd, D=D, device=DEVICE)
+        return do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def graph_us(fn) -> tuple[float, torch.Tensor] | None:
+    """GPU microseconds of `fn` replayed as a CUDA graph, and the graph's output after the last replay; None on CPU."""
+    if not CUDA:
+        return None
+    graph, out = capture_cuda_graph(fn, DEVICE)
+    return gpu_us(graph.replay), out
+
+
+def read_gbps() -> float:
+    """The device's read bandwidth in GB/s: a float32 sum of 1 GiB (CUDA) or 16 MiB (CPU)."""
+    big = torch.ones((1 << 28) if CUDA else (1 << 22), device=DEVICE)
+    return big.numel() * 4 / gpu_us(lambda: big.sum()) / 1e3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def head_rows(size: str, gbps: float) -> list[list[str]]:
+    B, C, H, Wd, D = HEAD_SHAPE[size]
+    rows = []
+    for case, dtype, channels_last in HEAD_CASES:
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        x = torch.relu(torch.randn(B, C, H, Wd, device=DEVICE, generator=g)).to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        W = torch.randn(D, C, device=DEVICE, generator=g) / C**0.5
+        b = torch.randn(D, device=DEVICE, generator=g) * 0.1
+        p = torch.tensor([3.0], device=DEVICE)
+        ref = kernels.gem_whiten_reference(x, p, W, b)
+        pooled = triton_head.gem_pool(x, p)
+        programs = triton_head.INTERPRETER_PROGRAMS if triton_head.INTERPRETED else triton_head.WHITEN_PROGRAMS
+
+        def head():
+            return kernels.gem_whiten(x, p, W, b, backend="triton")
+
+        def whiten_l2():
+            return triton_head.finish(*triton_head.whiten_partials(pooled, W, programs), b)
+
+        variants = [  # name, fn, launched (True) or graph, bytes it must read, reference of its output
+            ("Triton, launched", head, True, nbytes(x, W, b), ref),
+            ("Triton, CUDA graph", head, False, nbytes(x, W, b), ref),
+            ("GeM alone, CUDA graph", lambda: triton_head.gem_pool(x, p), False, nbytes(x),
+             kernels.gem(x, p)),
+            ("whitening + L2, CUDA graph", whiten_l2, False, nbytes(pooled, W, b),
+             kernels.gem_whiten_reference(pooled[:, :, None, None], 1.0, W, b)),
+            ("eager torch, launched", lambda: kernels.gem_whiten_reference(x, p, W, b), True, nbytes(x, W, b), ref),
+        ]
+        for name, fn, launched, read, want in variants:
+            bound = read / gbps / 1e3
+            out = fn()  # also the warm-up (Triton compiles); on the CPU the one check of a graph variant's numbers
+            us = gpu_us(fn) if launched else None
+            if not launched and (timed := graph_us(fn)) is not None:
+                us, out = timed
+            ratio = "-" if us is None else f"{us / bound:.2f}x"
+            rows.append([case, name, "-" if us is None else f"{us:.1f}", f"{bound:.1f}", ratio, f"{rel_err(out, want):.1e}"])
+    return rows
+
+
+def encoder_rows(size: str) -> list[list[str]]:
+    rows = []
+    enc = build_student("effnet-lite0", 1280, "bench")
+    eager = make_runner(enc, "torch", DEVICE, channels_last=True, cuda_graphs=False)
+    graphed = make_runner(enc, "torch", DEVICE, channels_last=True, cuda_graphs=True)
+    reps = ENCODER_REPS[size]
+    for side, batch in ENCODER_CASES[size]:
+        x = torch.rand(batch, 3, side, side, device=DEVICE)
+        rates = []
+        for runner in (eager, graphed):
+            runner(x)  # the graphed runner captures its bucket here
+            runner(x)
+            sync()
+            t = time.perf_counter()
+            for _ in range(reps):
+                runner(x)
+            sync()
+            rates.append(reps * batch / (time.perf_counter() - t))
+        diff = (eager(x) - graphed(x)).abs().max().item()
+        rows.append([f"{side} px", str(batch), f"{rates[0]:.1f}", f"{rates[1]:.1f}", f"{rates[1] / rates[0]:.2f}x",
+                     f"{diff:.1e}"])
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: checks the script on a CPU (default on a CPU)")
+    args = ap.parse_args(argv)
+    size = "tiny" if args.tiny or not CUDA else "full"
+    device = torch.cuda.get_device_name() if CUDA else "CPU (Triton interpreter)"
+    gbps = read_gbps()
+    B, C, H, Wd, D = HEAD_SHAPE[size]
+    print(f"{time.strftime('%Y-%m-%d', time.gmtime())}, {device}, torch {torch.__version__}; "
+          f"read bandwidth {gbps:.0f} GB/s\n")
+    print(f"Head, B = {B}, C = {C}, {H} x {Wd}, D = {D}: GPU us (do_bench median) against the memory bound\n")
+    print(table(["case", "variant", "GPU us", "bound us", "GPU / bound", "rel err"], head_rows(size, gbps)))
+    print("\nEncoder forward, EfficientNet-Lite0 student, float32 channels_last, images on the device: images/s\n")
+    print(table(["side", "batch", "eager", "CUDA graphs", "speed-up", "max |diff|"], encoder_rows(size)))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,8 +24,9 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ CPU_CHANNELS_LAST = True
 GRAPH_BUCKETS = 4
 # Exports are tens of MB and training validates a new student every epoch: keep only the newest few.
 CACHE_KEEP = 8
+
+T = TypeVar("T")
 
 
 class Runner(Protocol):
@@ -121,6 +124,22 @@ def bucket_batch(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def capture_cuda_graph(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T]:
+    """One call of `fn` captured as a CUDA graph: returns the graph and the call's output, the static tensors
+    every `graph.replay()` rewrites. A first call runs on a side stream (lazy initialisation, Triton's
+    compilation), as PyTorch's CUDA graph docs require before a capture. thread_local: other threads (decoding
+    images on the GPU, say) may keep using CUDA meanwhile; only this thread's calls are restricted."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out
+
+
 class _Bucket:
     """One shape bucket: a static input (padded batch x 3 x H x W float32) and, on CUDA, the graph captured over it
     with its static output."""
@@ -132,16 +151,7 @@ class _Bucket:
         self.output: torch.Tensor | None = None
 
     def capture(self, model: torch.nn.Module) -> None:
-        """Warm up on a side stream (lazy initialisation, Triton's compilation), then capture one forward, as
-        PyTorch's CUDA graph docs require."""
-        side = torch.cuda.Stream(self.input.device)
-        side.wait_stream(torch.cuda.current_stream(self.input.device))
-        with torch.cuda.stream(side):
-            model(self.input)
-        torch.cuda.current_stream(self.input.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = model(self.input)
+        self.graph, self.output = capture_cuda_graph(lambda: model(self.input), self.input.device)
 
 
 class GraphedForward:
