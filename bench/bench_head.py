@@ -9,7 +9,10 @@ rows left empty; the times mean nothing):
 Head (B=64, C=2048, 24 x 24, D=2048; fp32 NCHW, fp32 channels_last, bf16 channels_last), per variant:
 - "Triton, launched": `kernels.gem_whiten` called from Python, three kernel launches;
 - "Triton, CUDA graph": the same calls captured once and replayed: no host launches, the floor of these kernels;
-- "GeM alone, graph" and "whitening + L2, graph": the stages apart, to see which one is off its bound;
+- "Triton, tf32x3 whitening, CUDA graph": the whitening's product on tensor cores (three TF32 products, near fp32)
+  instead of exact fp32 on the FMA units;
+- "GeM alone" and "whitening + L2", as graphs: the stages apart, to see which one is off its bound (with tf32x3,
+  and for bf16 maps GeM with other tiles, triton_head.GEM_TILE_CANDIDATES);
 - "eager torch, launched": the reference, for scale.
 GPU time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median. Bound: the bytes the variant
 must read (map, W, b) at the read bandwidth measured here (a 1 GiB float32 sum). rel err: max|out - ref| / max|ref|
@@ -113,15 +116,24 @@ def head_rows(size: str, gbps: float) -> list[list[str]]:
         def whiten_l2():
             return triton_head.finish(*triton_head.whiten_partials(pooled, W, programs), b)
 
+        def head_tf32x3():
+            return triton_head.finish(*triton_head.whiten_partials(triton_head.gem_pool(x, p), W, programs, "tf32x3"), b)
+
+        whitened = kernels.gem_whiten_reference(pooled[:, :, None, None], 1.0, W, b)  # GeM of a 1 x 1 map at p = 1: g
         variants = [  # name, fn, launched (True) or graph, bytes it must read, reference of its output
             ("Triton, launched", head, True, nbytes(x, W, b), ref),
             ("Triton, CUDA graph", head, False, nbytes(x, W, b), ref),
-            ("GeM alone, CUDA graph", lambda: triton_head.gem_pool(x, p), False, nbytes(x),
-             kernels.gem(x, p)),
-            ("whitening + L2, CUDA graph", whiten_l2, False, nbytes(pooled, W, b),
-             kernels.gem_whiten_reference(pooled[:, :, None, None], 1.0, W, b)),
+            ("Triton, tf32x3 whitening, CUDA graph", head_tf32x3, False, nbytes(x, W, b), ref),
+            ("GeM alone, CUDA graph", lambda: triton_head.gem_pool(x, p), False, nbytes(x), kernels.gem(x, p)),
+            ("whitening + L2, CUDA graph", whiten_l2, False, nbytes(pooled, W, b), whitened),
+            ("whitening (tf32x3) + L2, CUDA graph",
+             lambda: triton_head.finish(*triton_head.whiten_partials(pooled, W, programs, "tf32x3"), b), False,
+             nbytes(pooled, W, b), whitened),
             ("eager torch, launched", lambda: kernels.gem_whiten_reference(x, p, W, b), True, nbytes(x, W, b), ref),
         ]
+        if dtype == torch.bfloat16:  # its GeM reads at 0.75 of the bound with the default tile: try others
+            variants += [(f"GeM alone, tile {tile}, CUDA graph", lambda tile=tile: triton_head.gem_pool(x, p, tile), False,
+                          nbytes(x), kernels.gem(x, p)) for tile in triton_head.GEM_TILE_CANDIDATES]
         for name, fn, launched, read, want in variants:
             bound = read / gbps / 1e3
             out = fn()  # also the warm-up (Triton compiles); on the CPU the one check of a graph variant's numbers

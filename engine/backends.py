@@ -175,6 +175,7 @@ class GraphedForward:
         self.buckets: OrderedDict[tuple[int, ...], _Bucket] = OrderedDict()
         self.lock = threading.Lock()
 
+    @torch.inference_mode()  # a capture must record no autograd state
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x H x W (any device, any float dtype) -> the model's B x D output, float32, on `device`."""
         n = images.shape[0]

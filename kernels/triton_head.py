@@ -84,11 +84,13 @@ def _gem_kernel(x_ptr, g_ptr, p_ptr, p_val, C, H, Wd,
 
 @triton.jit
 def _whiten_kernel(g_ptr, w_ptr, part_ptr, ss_ptr, B, C, D, K_PER, stride_wd, stride_wc,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Partial g W^T over channels [k * K_PER, (k + 1) * K_PER) for a BLOCK_M x BLOCK_N tile, k = program_id(2).
 
     Writes part[k] (B x D) and, from the first column of tiles, the rows' partial sums of squares ss[k] (B);
     g: B x C fp32 contiguous, W: D x C. Splitting C keeps enough programs busy when B x D has few tiles.
+    PRECISION: tl.dot's input_precision, "ieee" (exact fp32, FMA units) or "tf32x3" (three TF32 tensor-core
+    products, near fp32).
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +106,7 @@ def _whiten_kernel(g_ptr, w_ptr, part_ptr, ss_ptr, B, C, D, K_PER, stride_wd, st
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wc + offs_n[None, :] * stride_wd,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(g, w, acc, input_precision="ieee")
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
         sumsq += tl.sum(g * g, axis=1)
     split = tl.program_id(2).to(tl.int64)
     tl.store(part_ptr + split * B * D + offs_m[:, None] * D + offs_n[None, :], acc,
@@ -163,6 +165,8 @@ INTERPRETED = isinstance(_gem_kernel, InterpretedFunction)
 # channels x 16 positions per step; NCHW maps 8 channels x 64 contiguous positions.
 GEM_TILE_NHWC = (64, 16)
 GEM_TILE_NCHW = (8, 64)
+# Other tiles bench/bench_head.py times on channels_last maps (bf16 reads at 0.75 of the bound with the above).
+GEM_TILE_CANDIDATES = ((128, 16), (128, 32), (256, 8))
 # Whitening + finish at B = 64, C = D = 2048, fp32: 85.9 us with these, 90.5 with (32, 32, 64) and 512 programs,
 # 152 us before the split of C. Exact fp32 ("ieee") runs on the FMA units: cuBLAS's fp32 GEMM alone takes 43 us.
 WHITEN_TILE = (32, 64, 32)  # BLOCK_M (16 for B <= 16: tl.dot's minimum), BLOCK_N, BLOCK_K
@@ -170,10 +174,11 @@ WHITEN_PROGRAMS = 256  # split C until about this many programs run: B x D alone
 INTERPRETER_PROGRAMS = 8  # under the interpreter: still several splits, so the tests cover the summing
 
 
-def gem_pool(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
+def gem_pool(x: torch.Tensor, p: torch.Tensor | float, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """GeM pooling on the Triton kernel.
 
-    x: B x C x H x W, fp32/fp16/bf16, any strides; p: float or one-element tensor.
+    x: B x C x H x W, fp32/fp16/bf16, any strides; p: float or one-element tensor; tile: (BLOCK_C, BLOCK_S),
+    powers of two (None: GEM_TILE_NHWC or GEM_TILE_NCHW by the layout; bench/bench_head.py tries others).
     Returns B x C float32 contiguous: (mean_hw max(x, 1e-6)^p)^(1/p).
     """
     B, C, H, Wd = x.shape
@@ -183,7 +188,7 @@ def gem_pool(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     else:
         p_ptr, p_val, from_ptr = g, float(p), False  # p_ptr unused: any tensor fills the slot
     # Lay the tile's long side along the contiguous axis so loads coalesce.
-    block_c, block_s = GEM_TILE_NHWC if x.stride(1) == 1 else GEM_TILE_NCHW
+    block_c, block_s = tile or (GEM_TILE_NHWC if x.stride(1) == 1 else GEM_TILE_NCHW)
     flat = H == 1 or x.stride(2) == Wd * x.stride(3)
     grid = (B, triton.cdiv(C, block_c))
     _gem_kernel[grid](x, g, p_ptr, p_val, C, H, Wd, *x.stride(), GEM_EPS,
@@ -191,11 +196,13 @@ def gem_pool(x: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     return g
 
 
-def whiten_partials(g: torch.Tensor, W: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def whiten_partials(g: torch.Tensor, W: torch.Tensor, programs: int,
+                    precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Split-C partials of g W^T (SPLIT x B x D) and of the rows' sums of squares (SPLIT x B), float32.
 
     g: B x C float32 contiguous, W: D x C. C is split into chunks of whole BLOCK_K steps until the grid holds
-    about `programs` programs.
+    about `programs` programs. precision: "ieee" (the head's) or "tf32x3" (bench/bench_head.py's variant;
+    Triton's interpreter computes both in plain fp32).
     """
     B, C = g.shape
     D = W.shape[0]
@@ -209,7 +216,8 @@ def whiten_partials(g: torch.Tensor, W: torch.Tensor, programs: int) -> tuple[to
     part = torch.empty(split, B, D, device=g.device, dtype=torch.float32)
     ss = torch.empty(split, B, device=g.device, dtype=torch.float32)
     grid = (triton.cdiv(B, bm), triton.cdiv(D, bn), split)
-    _whiten_kernel[grid](g, W, part, ss, B, C, D, k_per, *W.stride(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    _whiten_kernel[grid](g, W, part, ss, B, C, D, k_per, *W.stride(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         PRECISION=precision, num_warps=4)
     return part, ss
 
 

@@ -112,12 +112,13 @@ def test_low_precision_map_against_float32(dtype):
     assert rel_err(out, kernels.gem_whiten(x, 3.0, Wm, b, backend="torch")) <= ROUNDING_TOL[dtype]
 
 
-@pytest.mark.parametrize("programs", [1, 8, 64])
-def test_split_c_partials_sum_to_the_whitening(programs):
-    # C = 300 is not a whole number of BLOCK_K steps: the last slice of C is short.
+@pytest.mark.parametrize("programs,precision", [(1, "ieee"), (8, "ieee"), (64, "ieee"), (8, "tf32x3")])
+def test_split_c_partials_sum_to_the_whitening(programs, precision):
+    # C = 300 is not a whole number of BLOCK_K steps: the last slice of C is short. tf32x3 (bench_head's variant)
+    # is near fp32 on a GPU; the interpreter computes it in fp32.
     g = torch.rand(5, 300, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     Wm = torch.randn(45, 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    part, ss = triton_head.whiten_partials(g, Wm, programs)
+    part, ss = triton_head.whiten_partials(g, Wm, programs, precision)
     assert part.shape[0] == ss.shape[0] and (part.shape[0] == 1) == (programs == 1)
     assert rel_err(part.sum(0), g.double() @ Wm.double().T) <= SAME_INPUT_TOL
     assert rel_err(ss.sum(0), (g.double() ** 2).sum(1)) <= SAME_INPUT_TOL
@@ -131,6 +132,19 @@ def test_full_size_on_cuda(dtype):
         p = torch.tensor(3.0, device=DEVICE)
         out = kernels.gem_whiten(x, p, Wm, b, backend="triton")
         assert rel_err(out, kernels.gem_whiten(x, p, Wm, b, backend="torch")) <= SAME_INPUT_TOL
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs only on a CUDA device (AML_KERNELS_CUDA=1)")
+def test_full_size_head_replayed_as_a_cuda_graph():
+    # What the graphed encoder does: capture once, then replay on new data written into the static input.
+    from engine.backends import capture_cuda_graph
+
+    x, Wm, b = make_inputs(64, 2048, 24, 24, 2048, "W+b", torch.float32, True)
+    p = torch.tensor(3.0, device=DEVICE)
+    graph, out = capture_cuda_graph(lambda: kernels.gem_whiten(x, p, Wm, b, backend="triton"), torch.device(DEVICE))
+    x.copy_(make_inputs(64, 2048, 24, 24, 2048, "none", seed=1)[0])
+    graph.replay()
+    assert rel_err(out, kernels.gem_whiten(x, p, Wm, b, backend="torch")) <= SAME_INPUT_TOL
 
 
 def test_auto_on_cpu_is_the_reference():
@@ -244,10 +258,15 @@ for dtype, from_ptr, flat, (block_c, block_s) in [("fp32", True, True, th.GEM_TI
     build(th._gem_kernel, dict(x_ptr="*" + dtype, g_ptr="*fp32", p_ptr="*fp32", p_val=f32, C=i32, H=i32,
           Wd=i32, stride_b=i32, stride_c=i32, stride_h=i32, stride_w=i32, eps=f32),
           dict(P_FROM_PTR=from_ptr, FLAT_S=flat, BLOCK_C=block_c, BLOCK_S=block_s))
-for w_dtype, block_m in (("bf16", 16), ("fp32", th.WHITEN_TILE[0])):
+for block_c, block_s in th.GEM_TILE_CANDIDATES:  # the tiles bench_head.py tries on bf16 channels_last maps
+    build(th._gem_kernel, dict(x_ptr="*bf16", g_ptr="*fp32", p_ptr="*fp32", p_val=f32, C=i32, H=i32,
+          Wd=i32, stride_b=i32, stride_c=i32, stride_h=i32, stride_w=i32, eps=f32),
+          dict(P_FROM_PTR=True, FLAT_S=True, BLOCK_C=block_c, BLOCK_S=block_s))
+for w_dtype, block_m, precision in (("bf16", 16, "ieee"), ("fp32", th.WHITEN_TILE[0], "ieee"),
+                                    ("fp32", th.WHITEN_TILE[0], "tf32x3")):
     build(th._whiten_kernel, dict(g_ptr="*fp32", w_ptr="*" + w_dtype, part_ptr="*fp32", ss_ptr="*fp32", B=i32, C=i32,
           D=i32, K_PER=i32, stride_wd=i32, stride_wc=i32),
-          dict(BLOCK_M=block_m, BLOCK_N=th.WHITEN_TILE[1], BLOCK_K=th.WHITEN_TILE[2]))
+          dict(BLOCK_M=block_m, BLOCK_N=th.WHITEN_TILE[1], BLOCK_K=th.WHITEN_TILE[2], PRECISION=precision))
 for whitened, has_bias in ((True, True), (True, False), (False, False)):
     build(th._finish_kernel, dict(part_ptr="*fp32", ss_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", B=i32, N=i32,
           SPLIT=i32, l2_eps=f32), dict(WHITENED=whitened, HAS_BIAS=has_bias, BLOCK=1024))
