@@ -155,7 +155,7 @@ def encoder_rows(size: str) -> list[list[str]]:
         x = torch.rand(batch, 3, side, side, device=DEVICE)
         rates = []
         for runner in (eager, graphed):
-            runner(x)  # the graphed runner captures its bucket here
+            runner(x)  # the graphed runner: eager on a bucket's first call, captured on its second
             runner(x)
             sync()
             t = time.perf_counter()

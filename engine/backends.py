@@ -47,6 +47,9 @@ CPU_CHANNELS_LAST = True
 # (the forward's activations at that bucket's shape, a few GB for a 1024-px batch), and an encoding job meets a
 # few image sizes (landscape, portrait, the last part-full batch).
 GRAPH_BUCKETS = 4
+# A bucket is captured on its second call, not its first: sizes seen once (or cycling through more buckets than
+# are kept, as multi-scale encoding of mixed orientations can) then run eagerly instead of paying a capture each.
+CAPTURE_AFTER = 2
 # Exports are tens of MB and training validates a new student every epoch: keep only the newest few.
 CACHE_KEEP = 8
 
@@ -149,6 +152,7 @@ class _Bucket:
         self.input = torch.empty(shape, device=device, dtype=torch.float32, memory_format=fmt).zero_()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
+        self.calls = 0
 
     def capture(self, model: torch.nn.Module) -> None:
         self.graph, self.output = capture_cuda_graph(lambda: model(self.input), self.input.device)
@@ -158,11 +162,12 @@ class GraphedForward:
     """`model` run over shape buckets: a batch of n images is copied into the static input of the bucket
     (bucket_batch(n), 3, H, W), the bucket's forward runs, the first n rows are returned as a new tensor.
 
-    On CUDA the forward is a CUDA graph captured on the bucket's first use and replayed afterwards; elsewhere the
-    model runs eagerly on the same padded input (the path the CPU tests cover). Padding rows hold zeros or an
-    earlier batch's images: every layer of an eval-mode encoder is per-image, so they never touch the first n rows.
-    At most `capacity` buckets are kept, least recently used dropped first. Calls are serialised by a lock:
-    a bucket's static input and output are shared state.
+    With `graphs` (True on CUDA) a bucket's forward is a CUDA graph, captured on its CAPTURE_AFTER-th call and
+    replayed from then on; earlier calls, and every call elsewhere, run the model eagerly on the same padded input
+    (the path the CPU tests cover). Padding rows hold zeros or an earlier batch's images: every layer of an
+    eval-mode encoder is per-image, so they never touch the first n rows. At most `capacity` buckets are kept,
+    least recently used dropped first. Calls are serialised by a lock: a bucket's static input and output are
+    shared state.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool, capacity: int = GRAPH_BUCKETS):
@@ -172,6 +177,7 @@ class GraphedForward:
         self.device = device
         self.channels_last = channels_last
         self.capacity = capacity
+        self.graphs = device.type == "cuda"
         self.buckets: OrderedDict[tuple[int, ...], _Bucket] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -187,7 +193,8 @@ class GraphedForward:
                 self.buckets.popitem(last=False)
             # Straight into the static input: the host-to-device copy is the only copy of the images.
             bucket.input[:n].copy_(images, non_blocking=True)
-            if self.device.type != "cuda":
+            bucket.calls += 1
+            if not self.graphs or bucket.calls < CAPTURE_AFTER:
                 return self.model(bucket.input)[:n].float()
             if bucket.graph is None:
                 bucket.capture(self.model)

@@ -99,14 +99,56 @@ def test_buckets_are_least_recently_used_and_bounded():
         GraphedForward(net, torch.device("cpu"), channels_last=False, capacity=0)
 
 
+class ReplayOnCpu:
+    """Stands in for a CUDA graph on the CPU: a replay reruns the captured call and writes into its static output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.output, self.replays = fn, out, 0
+
+    def replay(self):
+        self.output.copy_(self.fn())
+        self.replays += 1
+
+
+def test_graph_policy_capture_on_second_call_replay_and_copy_out(monkeypatch):
+    # The CUDA-only steps of GraphedForward run on the CPU with a stand-in for the graph: when a bucket is captured,
+    # that later calls replay it, and that what a call returns is not overwritten by the next replay.
+    captured = []
+
+    def capture(fn, device):
+        out = fn()
+        captured.append(ReplayOnCpu(fn, out))
+        return captured[-1], out
+
+    monkeypatch.setattr(backends, "capture_cuda_graph", capture)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    graphed = GraphedForward(net, torch.device("cpu"), channels_last=False, capacity=1)
+    graphed.graphs = True
+    a, b = torch.rand(3, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    out_a = graphed(a)  # first call: eager
+    assert captured == []
+    out_b = graphed(b)  # second call of bucket 4: captured, then replayed
+    assert len(captured) == 1 and captured[0].replays == 1
+    out_a2 = graphed(a)  # a replay on a's images
+    assert len(captured) == 1 and captured[0].replays == 2
+    with torch.no_grad():
+        for got, x in ((out_a, a), (out_b, b), (out_a2, a)):
+            torch.testing.assert_close(got, net(x), rtol=0, atol=1e-6)  # out_b survived the replay after it
+    graphed(torch.rand(2, 3, 9, 9))  # capacity 1: a new bucket drops the captured one
+    graphed(a)
+    assert len(captured) == 1  # bucket 4 is back, but on its first call again: eager
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_equal_the_eager_forward_on_the_gpu():
     enc = build_student("effnet-lite0", 1280, "s")
     eager_gpu = make_runner(enc, "torch", "cuda", cuda_graphs=False)
     graphed = make_runner(enc, "torch", "cuda")  # the default on CUDA
-    assert graphed.graphed is not None
+    assert graphed.graphed is not None and graphed.graphed.graphs
     x = photos(8, 160, 224)
-    for batch in (x[:4], x[4:8], x[:3], x[2:5]):  # a full bucket, a replay, a padded one and its replay
+    # eager (first call), captured and replayed, replayed, a padded batch replayed twice
+    for batch in (x[:4], x[4:8], x[:4], x[:3], x[2:5]):
         got, want = graphed(batch), eager_gpu(batch)
         assert got.device.type == "cuda" and got.shape == want.shape
         # The same kernels on the same shapes: equal to float32 rounding; a padded batch may get other cuDNN
@@ -114,7 +156,7 @@ def test_cuda_graphs_equal_the_eager_forward_on_the_gpu():
         tol = 1e-5 if len(batch) == 4 else 5e-3
         assert (got - want).abs().max().item() <= tol, len(batch)
     assert list(graphed.graphed.buckets) == [(4, 3, 160, 224)]
-    assert all(b.graph is not None for b in graphed.graphed.buckets.values())
+    assert all(b.graph is not None and b.calls == 5 for b in graphed.graphed.buckets.values())
 
 
 def multiscale_float64(enc, x: torch.Tensor, scales, p: float) -> np.ndarray:
