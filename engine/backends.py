@@ -131,15 +131,18 @@ def capture_cuda_graph(fn: Callable[[], T], device: torch.device) -> tuple[torch
     """One call of `fn` captured as a CUDA graph: returns the graph and the call's output, the static tensors
     every `graph.replay()` rewrites. A first call runs on a side stream (lazy initialisation, Triton's
     compilation), as PyTorch's CUDA graph docs require before a capture. thread_local: other threads (decoding
-    images on the GPU, say) may keep using CUDA meanwhile; only this thread's calls are restricted."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = fn()
+    images on the GPU, say) may keep using CUDA meanwhile; only this thread's calls are restricted. The capture
+    runs on `device` and its own stream, whichever device is current (torch.cuda.graph's default stream is made
+    once, on the device current at the process's first capture)."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            out = fn()
     return graph, out
 
 
@@ -196,9 +199,10 @@ class GraphedForward:
             bucket.calls += 1
             if not self.graphs or bucket.calls < CAPTURE_AFTER:
                 return self.model(bucket.input)[:n].float()
-            if bucket.graph is None:
-                bucket.capture(self.model)
-            bucket.graph.replay()
+            with torch.cuda.device(self.device):  # "cuda:1" while another device is current: replay there
+                if bucket.graph is None:
+                    bucket.capture(self.model)
+                bucket.graph.replay()
             # A copy: the next replay overwrites the static output.
             return bucket.output[:n].float().clone()
 

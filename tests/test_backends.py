@@ -1,4 +1,5 @@
 """Runners: every backend gives eager torch's descriptors; "auto" resolution; the export cache; the encode pipeline."""
+import contextlib
 import os
 import sys
 import threading
@@ -121,6 +122,7 @@ def test_graph_policy_capture_on_second_call_replay_and_copy_out(monkeypatch):
         return captured[-1], out
 
     monkeypatch.setattr(backends, "capture_cuda_graph", capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # a CPU "device" to replay on
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
     graphed = GraphedForward(net, torch.device("cpu"), channels_last=False, capacity=1)
