@@ -143,7 +143,10 @@ def test_graph_policy_capture_on_second_call_replay_and_copy_out(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graphs_equal_the_eager_forward_on_the_gpu():
+def test_cuda_graphs_equal_the_eager_forward_on_the_gpu(monkeypatch):
+    # TF32 off: the padded batch of 4 may get other cuDNN algorithms than the eager batch of 3, which TF32's
+    # rounding would set apart by ~1e-3; in float32 they agree to ~1e-6.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     enc = build_student("effnet-lite0", 1280, "s")
     eager_gpu = make_runner(enc, "torch", "cuda", cuda_graphs=False)
     graphed = make_runner(enc, "torch", "cuda")  # the default on CUDA
@@ -153,9 +156,8 @@ def test_cuda_graphs_equal_the_eager_forward_on_the_gpu():
     for batch in (x[:4], x[4:8], x[:4], x[:3], x[2:5]):
         got, want = graphed(batch), eager_gpu(batch)
         assert got.device.type == "cuda" and got.shape == want.shape
-        # The same kernels on the same shapes: equal to float32 rounding; a padded batch may get other cuDNN
-        # algorithms (TF32) than the eager batch of 3: unit vectors within 5e-3, as CUDA against the CPU.
-        tol = 1e-5 if len(batch) == 4 else 5e-3
+        # The same kernels on the same shapes: equal to float32 rounding; a padded batch: other algorithms, maybe.
+        tol = 1e-5 if len(batch) == 4 else 1e-4
         assert (got - want).abs().max().item() <= tol, len(batch)
     assert list(graphed.graphed.buckets) == [(4, 3, 160, 224)]
     assert all(b.graph is not None and b.calls == 5 for b in graphed.graphed.buckets.values())
