@@ -123,8 +123,10 @@ def prune_cache(folder: Path, pattern: str, keep: int = CACHE_KEEP) -> None:
 
 
 def bucket_batch(n: int) -> int:
-    """The batch a graph is captured for: the smallest power of two >= n, so a few graphs serve every batch size."""
-    return 1 << max(n - 1, 0).bit_length()
+    """The batch a graph is captured for: the smallest power of two >= n up to 8, then the next multiple of 8.
+    A few buckets serve small batches; a large one wastes at most 7 padding rows (a power of two could waste
+    a third of a batch of 24), and a batch size that is a multiple of 8 runs unpadded."""
+    return 1 << max(n - 1, 0).bit_length() if n <= 8 else -(-n // 8) * 8
 
 
 def capture_cuda_graph(fn: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T]:

@@ -59,8 +59,8 @@ def test_runner_equals_eager_torch(student, cache, backend, channels_last):
         np.testing.assert_allclose(got.numpy(), eager(student, x), atol=1e-4, rtol=0)
 
 
-def test_bucket_batch_is_the_next_power_of_two():
-    assert [bucket_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 64]
+def test_bucket_batch_pads_to_a_power_of_two_then_to_multiples_of_8():
+    assert [bucket_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 63, 64)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 24, 64, 64]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
