@@ -11,8 +11,9 @@ Head (B=64, C=2048, 24 x 24, D=2048; fp32 NCHW, fp32 channels_last, bf16 channel
 - "Triton, CUDA graph": the same calls captured once and replayed: no host launches, the floor of these kernels;
 - "Triton, tf32x3 whitening, CUDA graph": the whitening's product on tensor cores (three TF32 products, near fp32)
   instead of exact fp32 on the FMA units;
-- "GeM alone" and "whitening + L2", as graphs: the stages apart, to see which one is off its bound (with tf32x3,
-  and for bf16 maps GeM with other tiles, triton_head.GEM_TILE_CANDIDATES);
+- "GeM alone" and "whitening + L2", as graphs: the stages apart, to see which one is off its bound (with tf32x3;
+  in the first case the whitening also split over C into other numbers of programs; for bf16 maps GeM with
+  other tiles, triton_head.GEM_TILE_CANDIDATES);
 - "eager torch, launched": the reference, for scale.
 GPU time: triton.testing.do_bench (CUDA events, L2 flushed between calls), median. Bound: the bytes the variant
 must read (map, W, b) at the read bandwidth measured here (a 1 GiB float32 sum). rel err: max|out - ref| / max|ref|
@@ -50,6 +51,7 @@ HEAD_CASES = [("fp32, NCHW", torch.float32, False), ("fp32, channels_last", torc
 HEAD_SHAPE = {"full": (64, 2048, 24, 24, 2048), "tiny": (4, 40, 5, 6, 24)}  # B, C, H, W, D
 ENCODER_CASES = {"full": [(1024, 16), (362, 64)], "tiny": [(64, 2)]}  # side, batch
 ENCODER_REPS = {"full": 30, "tiny": 2}
+SPLIT_PROGRAMS = {"full": (128, 512, 1024), "tiny": (2,)}  # whitening grids tried beside WHITEN_PROGRAMS
 
 
 def sync() -> None:
@@ -113,8 +115,8 @@ def head_rows(size: str, gbps: float) -> list[list[str]]:
         def head():
             return kernels.gem_whiten(x, p, W, b, backend="triton")
 
-        def whiten_l2():
-            return triton_head.finish(*triton_head.whiten_partials(pooled, W, programs), b)
+        def whiten_l2(precision="ieee", programs=programs):
+            return lambda: triton_head.finish(*triton_head.whiten_partials(pooled, W, programs, precision), b)
 
         def head_tf32x3():
             return triton_head.finish(*triton_head.whiten_partials(triton_head.gem_pool(x, p), W, programs, "tf32x3"), b)
@@ -125,12 +127,14 @@ def head_rows(size: str, gbps: float) -> list[list[str]]:
             ("Triton, CUDA graph", head, False, nbytes(x, W, b), ref),
             ("Triton, tf32x3 whitening, CUDA graph", head_tf32x3, False, nbytes(x, W, b), ref),
             ("GeM alone, CUDA graph", lambda: triton_head.gem_pool(x, p), False, nbytes(x), kernels.gem(x, p)),
-            ("whitening + L2, CUDA graph", whiten_l2, False, nbytes(pooled, W, b), whitened),
-            ("whitening (tf32x3) + L2, CUDA graph",
-             lambda: triton_head.finish(*triton_head.whiten_partials(pooled, W, programs, "tf32x3"), b), False,
-             nbytes(pooled, W, b), whitened),
+            ("whitening + L2, CUDA graph", whiten_l2(), False, nbytes(pooled, W, b), whitened),
+            ("whitening (tf32x3) + L2, CUDA graph", whiten_l2("tf32x3"), False, nbytes(pooled, W, b), whitened),
             ("eager torch, launched", lambda: kernels.gem_whiten_reference(x, p, W, b), True, nbytes(x, W, b), ref),
         ]
+        if case == HEAD_CASES[0][0]:  # the split of C was tuned while launches hid the GPU time: other splits
+            variants += [(f"whitening ({precision}) + L2, {n} programs, CUDA graph", whiten_l2(precision, n), False,
+                          nbytes(pooled, W, b), whitened)
+                         for precision in ("ieee", "tf32x3") for n in SPLIT_PROGRAMS[size]]
         if dtype == torch.bfloat16:  # its GeM reads at 0.75 of the bound with the default tile: try others
             variants += [(f"GeM alone, tile {tile}, CUDA graph", lambda tile=tile: triton_head.gem_pool(x, p, tile), False,
                           nbytes(x), kernels.gem(x, p)) for tile in triton_head.GEM_TILE_CANDIDATES]
