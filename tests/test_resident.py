@@ -229,3 +229,44 @@ def test_cuda_index_matches_the_cpu_engine(tmp_path):
         assert_same(index.search(q[:1], 100), (expect[0][:1], expect[1][:1]), tol=1e-4)
     s, i = index.search(q[:2], n)
     assert (i[:, -2:] == [5, 77_777]).all() and np.isnan(s[:, -2:]).all()
+
+
+@pytest.fixture
+def cuda_as_cpu(monkeypatch):
+    """`--device cuda` of the command reaches a device index that this machine builds on its CPU."""
+    from engine import resident
+    from engine.cli import options
+
+    monkeypatch.setattr(options, "require_device", lambda device: None)
+    monkeypatch.setattr(resident, "check_device", lambda device: torch.device("cpu"))
+
+
+def test_search_command_on_a_device(gallery, run_cli, tmp_path, cuda_as_cpu):
+    from engine.results import load_results
+
+    stores, g, q = gallery
+    np.save(tmp_path / "q.npy", q)
+    out = tmp_path / "r.npz"
+    for scan in ("float16", "bfloat16"):
+        code, _, err = run_cli("search", stores[1].path, "--queries", tmp_path / "q.npy", "-k", 15, "--out", out,
+                               "--device", "cuda", "--scan", scan)
+        assert code == 0, err
+        ids, scores = load_results(out)
+        assert_same((scores, ids), search(stores[1], q, 15, scan="float32"))
+    code, _, err = run_cli("search", stores[1].path, "--queries", tmp_path / "q.npy", "--out", out, "--device", "cuda",
+                           "--backend", "torch")
+    assert code == 1 and "--backend and --threads choose how the host searches" in err and err.count("\n") == 1
+
+
+def test_serve_command_holds_the_gallery_on_its_device(gallery, run_cli, monkeypatch, cuda_as_cpu):
+    from engine.serve import app
+
+    stores, g, q = gallery
+    served = []
+    monkeypatch.setattr(app, "serve", lambda index, *args: served.append(index))
+    for device in ("cpu", "cuda"):
+        code, _, err = run_cli("serve", *(s.path for s in stores), "--device", device)
+        assert code == 0, err
+    host, held = served
+    assert host._gallery.resident is None and held._gallery.resident is not None
+    assert_same(held.search(q, 20), host.search(q, 20, scan="float32"))
