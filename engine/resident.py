@@ -207,7 +207,7 @@ class ResidentGallery:
         if self.plan.resident:
             self.chunks = [self._upload(host, self.rows)] if self.rows else []
             if self.plan.exact_resident:
-                parts = [torch.from_numpy(self.exact_host.take(i)) for i in np.array_split(self.ids, max(1, len(host)))]
+                parts = (torch.from_numpy(self.exact_host.take(i)) for i in np.array_split(self.ids, max(1, len(host))))
                 self.exact = self._upload(parts, self.rows, torch.float32)
         else:
             self.chunks = self._host_chunks(host)
@@ -227,16 +227,20 @@ class ResidentGallery:
         """The scanned rows regrouped into host chunks of plan.chunk_rows (pinned on CUDA, for async copies)."""
         import torch
 
-        size, chunks, a = self.plan.chunk_rows, [], 0
-        flat = torch.cat(parts) if parts else torch.zeros((0, self.dim), dtype=_torch_dtype(self.dtype))
-        for a in range(0, self.rows, size):
-            chunk = flat[a:a + size].clone()
-            if self.device.type == "cuda":
-                try:
-                    chunk = chunk.pin_memory()
-                except RuntimeError as e:
-                    raise EngineError(f"cannot pin {chunk.nbytes} bytes of host memory for streaming ({e})") from None
-            chunks.append(chunk)
+        size, pin = self.plan.chunk_rows, self.device.type == "cuda"
+        try:
+            chunks = [torch.empty((min(size, self.rows - a), self.dim), dtype=_torch_dtype(self.dtype), pin_memory=pin)
+                      for a in range(0, self.rows, size)]
+        except RuntimeError as e:
+            raise EngineError(f"cannot pin {self.rows * self.dim * 2} bytes of host memory for streaming ({e})") from None
+        row = 0
+        for part in parts:
+            done = 0
+            while done < len(part):
+                c, off = divmod(row, size)
+                n = min(len(part) - done, size - off)
+                chunks[c][off:off + n] = part[done:done + n]
+                done, row = done + n, row + n
         return chunks
 
     def _scanned(self) -> Iterator[tuple[int, object]]:
@@ -321,7 +325,7 @@ class ResidentGallery:
         dt = _torch_dtype(self.dtype)
         qb = self.plan.query_rows(min(self.rows, self.plan.chunk_rows), 4)
         blocks = [(a, min(a + qb, len(q))) for a in range(0, len(q), qb)]
-        qt = [torch.from_numpy(q[a:b]).to(self.device).to(dt) for a, b in blocks]
+        qt = [self._scan_queries(q[a:b]) for a, b in blocks]
         best: list = [None] * len(blocks)
         for start, chunk in self._scanned():
             for j, x in enumerate(qt):
@@ -335,13 +339,22 @@ class ResidentGallery:
                 best[j] = (v, p)
         return [(a, b, *best[j]) for j, (a, b) in enumerate(blocks)]
 
+    def _scan_queries(self, q: np.ndarray):
+        """Queries in the scan dtype, each scaled to a largest |value| of 1 (the ranking is the same; no float16
+        overflow, the most significant bits kept)."""
+        import torch
+
+        x = torch.from_numpy(q).to(self.device)
+        x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return x.to(_torch_dtype(self.dtype))
+
     def _rescored(self, q: np.ndarray, cand: list, width: int) -> Iterator:
         """(a, b, scores float32, device rows) on the host per query sub-block: candidates rescored as float32 dot
         products from the exact copy (on the device, or gathered from host memory), then ordered (order_topk)."""
         import torch
 
         for a, b, _, pos in cand:
-            sub = self.plan.query_rows(pos.shape[1] * self.dim, 4)
+            sub = self.plan.query_rows(pos.shape[1] * self.dim, 8)  # the rows gathered and their products
             for s0 in range(0, b - a, sub):
                 p = pos[s0:s0 + sub]
                 qt = torch.from_numpy(q[a + s0:a + s0 + len(p)]).to(self.device)

@@ -175,6 +175,7 @@ def test_rows_holding_nan_or_inf(tmp_path):
         for n, entry in enumerate(read_manifest(store.path)["copies"][dtype]):
             with np.errstate(over="ignore"):
                 np.save(store.path / entry["file"], g[n * 50:(n + 1) * 50].astype(dtype))
+    store = open_store(store.path)
     q = rng.standard_normal((5, D)).astype(np.float32)
     for budget in (None, 2000):
         index = Index([store.path], device="cpu", device_memory=budget)
@@ -209,26 +210,42 @@ def test_resident_gallery_of_sources_directly(gallery):
     assert_exact(*held.search(q, 30, 4), q, g, 30)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_index_matches_the_cpu_engine(tmp_path):
-    """200k x 512 on the GPU, resident and streamed through a 64 MiB budget, against the engine on the host."""
+def matches_the_engine(tmp_path, device, n, d, nq, shard_rows, budget):
+    """n x d unit rows (two of them NaN) on `device`, held whole (float16, bfloat16) and streamed through `budget`
+    bytes (float16, rescored from host memory), against the engine's exact search on the host."""
     rng = np.random.default_rng(0)
-    n, d = 200_000, 512
     g = rng.standard_normal((n, d), dtype=np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    g[[5, 77_777]] = np.nan
-    store = write_store(tmp_path / "big", g, "space-a", shard_rows=65536)
+    store = write_store(tmp_path / "big", g, "space-a", shard_rows=shard_rows)
     add_copy(store, "float16")
-    q = rng.standard_normal((300, d), dtype=np.float32)
+    nan_rows = [5, n * 7 // 18]
+    for dtype in ("float32", "float16"):  # two NaN rows, put in the shards' files by hand (a writer refuses them)
+        for row in nan_rows:
+            file = store.path / read_manifest(store.path)["copies"][dtype][row // shard_rows]["file"]
+            shard = np.load(file)
+            shard[row % shard_rows] = np.nan
+            np.save(file, shard)
+    store = open_store(store.path)
+    q = rng.standard_normal((nq, d), dtype=np.float32)
     expect = search(store, q, 100, scan="float32")
-    for dtype, budget in (("float16", None), ("bfloat16", None), ("float16", 64 << 20)):
-        index = Index([store.path], device="cuda", device_dtype=dtype, device_memory=budget)
+    for dtype, limit in (("float16", None), ("bfloat16", None), ("float16", budget)):
+        index = Index([store.path], device=device, device_dtype=dtype, device_memory=limit)
         held = index._gallery.resident
-        assert held.plan.resident == (budget is None) and (held.plan.resident or len(held.chunks) > 2)
+        assert held.plan.resident == (limit is None) and (held.plan.resident or len(held.chunks) > 2)
         assert_same(index.search(q, 100), expect, tol=1e-4)
         assert_same(index.search(q[:1], 100), (expect[0][:1], expect[1][:1]), tol=1e-4)
     s, i = index.search(q[:2], n)
-    assert (i[:, -2:] == [5, 77_777]).all() and np.isnan(s[:, -2:]).all()
+    assert (i[:, -2:] == nan_rows).all() and np.isnan(s[:, -2:]).all()
+
+
+def test_a_larger_gallery_streamed(tmp_path):
+    matches_the_engine(tmp_path, "cpu", 3000, 32, 20, 500, 60_000)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_index_matches_the_cpu_engine(tmp_path):
+    """200k x 512 on the GPU, held whole and streamed through a 64 MiB budget, against the engine on the host."""
+    matches_the_engine(tmp_path, "cuda", 200_000, 512, 300, 65536, 64 << 20)
 
 
 @pytest.fixture
