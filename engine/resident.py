@@ -313,8 +313,9 @@ class ResidentGallery:
         ids = np.zeros((len(q), width), np.int64)
         if self.rows:
             with torch.inference_mode():
+                qd = torch.from_numpy(q).to(self.device)  # float32, for the rescoring
                 cand = self._candidates(q, c)
-                for a, b, s, p in self._rescored(q, cand, width):
+                for a, b, s, p in self._rescored(qd, cand, width):
                     scores[a:b], ids[a:b] = s, self.ids[p]
         return self._merge_host_rows(q, k, scores, ids)
 
@@ -325,7 +326,8 @@ class ResidentGallery:
         dt = _torch_dtype(self.dtype)
         qb = self.plan.query_rows(min(self.rows, self.plan.chunk_rows), 4)
         blocks = [(a, min(a + qb, len(q))) for a in range(0, len(q), qb)]
-        qt = [self._scan_queries(q[a:b]) for a, b in blocks]
+        scaled = self._scan_queries(q)
+        qt = [scaled[a:b] for a, b in blocks]
         best: list = [None] * len(blocks)
         for start, chunk in self._scanned():
             for j, x in enumerate(qt):
@@ -344,11 +346,10 @@ class ResidentGallery:
         overflow, the most significant bits kept)."""
         import torch
 
-        x = torch.from_numpy(q).to(self.device)
-        x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return x.to(_torch_dtype(self.dtype))
+        top = np.maximum(np.abs(q).max(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        return torch.from_numpy(q / top).to(self.device).to(_torch_dtype(self.dtype))
 
-    def _rescored(self, q: np.ndarray, cand: list, width: int) -> Iterator:
+    def _rescored(self, q, cand: list, width: int) -> Iterator:
         """(a, b, scores float32, device rows) on the host per query sub-block: candidates rescored as float32 dot
         products from the exact copy (on the device, or gathered from host memory), then ordered (order_topk)."""
         import torch
@@ -357,7 +358,7 @@ class ResidentGallery:
             sub = self.plan.query_rows(pos.shape[1] * self.dim, 8)  # the rows gathered and their products
             for s0 in range(0, b - a, sub):
                 p = pos[s0:s0 + sub]
-                qt = torch.from_numpy(q[a + s0:a + s0 + len(p)]).to(self.device)
+                qt = q[a + s0:a + s0 + len(p)]
                 if self.exact is not None:
                     rows = self.exact[p]
                 else:
