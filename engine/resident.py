@@ -121,23 +121,21 @@ def plan_memory(rows: int, dim: int, dtype: str, budget: int | None) -> Plan:
 class HostRows:
     """Rows of the sources' exact copies by global id, read from host memory (mapped or held shards)."""
 
-    def __init__(self, parts: list[tuple[int, object]]):
+    def __init__(self, parts: list[tuple[int, object]], dim: int):
         self.starts = np.array([start for start, _ in parts], np.int64)
         self.views = [view for _, view in parts]
+        self.dim = dim
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows of global `ids` (any shape S) -> S x D."""
         flat = ids.reshape(-1)
-        out = None
+        out = np.empty((len(flat), self.dim), np.float32)
         which = np.searchsorted(self.starts, flat, side="right") - 1
         for w in np.unique(which):
             view, sel = self.views[w], np.flatnonzero(which == w)
             local = flat[sel] - self.starts[w]
-            rows = quantize.decode(view.vectors[local], view.dtype, None if view.scale is None else view.scale[local])
-            if out is None:
-                out = np.empty((len(flat), rows.shape[1]), np.float32)
-            out[sel] = rows
-        return out.reshape(*ids.shape, -1)
+            out[sel] = quantize.decode(view.vectors[local], view.dtype, None if view.scale is None else view.scale[local])
+        return out.reshape(*ids.shape, self.dim)
 
 
 def order_topk(scores, pos, k: int):
@@ -175,7 +173,7 @@ class ResidentGallery:
         elif self.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_BUDGET_FRACTION)
         self.dim = sources[0].store.dim
-        host, ids, exact_parts, bad, bad_exact = [], [], [], [], []
+        host, ids, exact_parts, bad = [], [], [], []
         for src in sources:
             views = {d: list(src.shards(d)) for d in src.store.dtypes}
             for n, view in enumerate(views[src.store.exact_dtype]):
@@ -193,7 +191,7 @@ class ResidentGallery:
                     rows = rows[torch.from_numpy(keep)]
                 host.append(rows)
                 ids.append(gid[keep])
-        self.exact_host = HostRows(exact_parts)
+        self.exact_host = HostRows(exact_parts, self.dim)
         self.ids = np.concatenate(ids)  # device row -> global id, ascending
         bad_ids = np.concatenate(bad)
         # Rows outside the scan: those whose exact copy holds NaN always score NaN, the others are scored per search.
@@ -246,8 +244,6 @@ class ResidentGallery:
     def _scanned(self) -> Iterator[tuple[int, object]]:
         """(first device row, device tensor) per chunk: the resident matrix, or each host chunk copied into one of
         two device buffers; on CUDA the copy of the next chunk runs on a side stream while this one is scored."""
-        import torch
-
         if self.plan.resident:
             yield from ((0, c) for c in self.chunks)
             return
@@ -332,11 +328,11 @@ class ResidentGallery:
         for start, chunk in self._scanned():
             for j, x in enumerate(qt):
                 s = x @ chunk.T
-                v, p = torch.topk(s, min(c, len(chunk)), dim=1)
+                v, p = torch.topk(s, min(c, len(chunk)), dim=1, sorted=False)
                 p = p + start
                 if best[j] is not None:  # merge with the chunks before
                     v, p = torch.cat([best[j][0], v], 1), torch.cat([best[j][1], p], 1)
-                    v, sel = torch.topk(v, min(c, v.shape[1]), dim=1)
+                    v, sel = torch.topk(v, min(c, v.shape[1]), dim=1, sorted=False)
                     p = p.gather(1, sel)
                 best[j] = (v, p)
         return [(a, b, *best[j]) for j, (a, b) in enumerate(blocks)]

@@ -287,3 +287,11 @@ def test_serve_command_holds_the_gallery_on_its_device(gallery, run_cli, monkeyp
     host, held = served
     assert host._gallery.resident is None and held._gallery.resident is not None
     assert_same(held.search(q, 20), host.search(q, 20, scan="float32"))
+
+
+def test_one_live_row_left(gallery, monkeypatch):
+    stores, g, q = gallery
+    monkeypatch.setattr(Store, "deleted_rows", lambda self: np.setdiff1d(np.arange(self.count), [137]))
+    s, i = Index(stores[:1], device="cpu").search(q, 10)
+    assert (i == 137).all() and i.shape == (len(q), 1)
+    np.testing.assert_allclose(s[:, 0], q @ g[137], rtol=1e-5)
