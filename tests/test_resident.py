@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import EngineError, Index
-from engine.resident import ResidentGallery, order_topk, plan_memory
+from engine.resident import ResidentGallery, finite_rows, order_topk, plan_memory
 from engine.search import best_k, search, search_stores
 from engine.store import Store, add_copy, open_store, read_manifest, write_store
 
@@ -104,6 +104,14 @@ def test_memory_plan():
     p = plan_memory(1000, 10, "float16", 8000)
     assert not p.resident and p.chunk_rows == (8000 - 2000) // 40 and p.work == 2000
     assert p.query_rows(150, 4) == 3 and p.query_rows(10**6, 4) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_rows(dtype):
+    x = torch.tensor([[0.0, 1.0], [-65504.0, 3e-8], [np.inf, 0.0], [0.0, -np.inf], [np.nan, 1.0], [-0.0, 1e30]])
+    x = x.to(dtype)
+    np.testing.assert_array_equal(finite_rows(x), torch.isfinite(x).all(dim=1).numpy())
+    assert finite_rows(x).tolist()[:5] == [True, True, False, False, False]
 
 
 def test_order_topk_is_best_k():
