@@ -304,6 +304,7 @@ def test_search(benchmark, bench_report, bounds, galleries, device_indexes, n, d
         ridge = 2 * nq / bounds["fp32_peak_GFLOPs"] > 4 / bounds["mem_read_GBps"]
         if m == "resident-cuda":  # the float16 copy read once at the device's bandwidth
             fraction, kind = rows[m]["GBps"] / bounds["device_read_GBps"], "device memory"
+            rows[m]["device_bound_qps"] = nq * bounds["device_read_GBps"] * 1e9 / nbytes[m]
         elif m.startswith("torch-cuda") or (m not in FP32_ARITHMETIC and ridge):
             fraction, kind = None, None
         elif m in FP32_ARITHMETIC and compute > memory:
