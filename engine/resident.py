@@ -269,10 +269,11 @@ class ResidentGallery:
         with self._streaming:
             yield from self._streamed()
 
-    def _streamed(self) -> Iterator[tuple[int, object]]:
+    def _streamed(self, cuda: bool | None = None) -> Iterator[tuple[int, object]]:
+        """_scanned's streaming; cuda: overlap the copies by a side stream and events (None: on a CUDA device)."""
         import torch
 
-        cuda = self.device.type == "cuda"
+        cuda = self.device.type == "cuda" if cuda is None else cuda
         bufs = [torch.empty((self.plan.chunk_rows, self.dim), dtype=_torch_dtype(self.dtype), device=self.device)
                 for _ in range(2)]
         side = torch.cuda.Stream(self.device) if cuda else None

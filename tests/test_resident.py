@@ -303,3 +303,83 @@ def test_one_live_row_left(gallery, monkeypatch):
     s, i = Index(stores[:1], device="cpu").search(q, 10)
     assert (i == 137).all() and i.shape == (len(q), 1)
     np.testing.assert_allclose(s[:, 0], q @ g[137], rtol=1e-5)
+
+
+def test_streaming_orders_copies_and_scoring(gallery, monkeypatch):
+    """The CUDA lines of streaming, on stand-ins for torch.cuda that log each call: chunk i is scored only after its
+    copy's event, and a buffer is refilled only after the scoring of the chunk it held (two buffers)."""
+    stores, g, q = gallery
+    from engine.search import store_sources
+
+    held = ResidentGallery(store_sources(stores), "cpu", "float16", 6000)
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.id))
+
+        def synchronize(self):
+            log.append(("synchronize", self.name))
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            Event.made += 1
+            self.id = Event.made
+
+        def record(self, stream):
+            log.append(("record", stream.name, self.id))
+
+    class On:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            log.append(("enter", self.stream.name))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.stream.name))
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", On)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False: (
+        log.append(("copy", non_blocking)), copy(self, src))[1])
+    seen = []
+    for start, chunk in held._streamed(cuda=True):
+        log.append(("score", start))
+        seen.append(chunk.clone())
+    monkeypatch.undo()
+    n = len(held.chunks)
+    assert n > 3 and all(torch.equal(a, b) for a, b in zip(seen, held.chunks))
+    ready, done, scored, copies = {}, {}, [], 0
+    inside = False
+    for entry in log:
+        if entry[0] in ("enter", "exit"):
+            inside = entry[0] == "enter"
+        elif entry[0] == "copy":
+            assert inside and entry[1]  # on the side stream, asynchronous
+            i = copies
+            if i >= 2:  # its buffer held chunk i - 2: the side stream waited on that chunk's scoring
+                assert waited_side == done[i - 2]
+            copies += 1
+        elif entry[:2] == ("wait", "side"):
+            waited_side = entry[2]
+        elif entry[:2] == ("record", "side"):
+            ready[copies - 1] = entry[2]
+        elif entry[:2] == ("wait", "main"):
+            waited_main = entry[2]
+        elif entry[0] == "score":
+            i = len(scored)
+            assert waited_main == ready[i] and copies >= min(i + 2, n)  # its copy awaited, the next one issued
+            scored.append(i)
+        elif entry[:2] == ("record", "main"):
+            done[len(scored) - 1] = entry[2]
+    assert scored == list(range(n)) and copies == n and log[-1] == ("synchronize", "side")
