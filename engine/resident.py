@@ -329,7 +329,7 @@ class ResidentGallery:
         ids = np.zeros((len(q), width), np.int64)
         if self.rows:
             with torch.inference_mode():
-                qd = torch.from_numpy(q).to(self.device)  # float32, for the rescoring
+                qd = _as_tensor(q, "float32").to(self.device)  # for the rescoring (the caller's array may be read-only)
                 cand = self._candidates(q, c)
                 for a, b, s, p in self._rescored(qd, cand, width):
                     scores[a:b], ids[a:b] = s, self.ids[p]
