@@ -221,13 +221,18 @@ class ResidentGallery:
         self.plan = plan_memory(self.rows, self.dim, self.dtype, budget)
         self.exact = None
         self._streaming = threading.Lock()  # one streamed scan at a time: two buffers per scan fit the budget
-        if self.plan.resident:
-            self.chunks = [self._upload(host, self.rows)] if self.rows else []
-            if self.plan.exact_resident:
-                parts = (_as_tensor(_exact_rows(view, keep), "float32") for view, keep in kept)
-                self.exact = self._upload(parts, self.rows, torch.float32)
-        else:
-            self.chunks = self._host_chunks(host)
+        try:
+            if self.plan.resident:
+                self.chunks = [self._upload(host, self.rows)] if self.rows else []
+                if self.plan.exact_resident:
+                    parts = (_as_tensor(_exact_rows(view, keep), "float32") for view, keep in kept)
+                    self.exact = self._upload(parts, self.rows, torch.float32)
+            else:
+                self.chunks = self._host_chunks(host)
+        except torch.cuda.OutOfMemoryError:
+            raise EngineError(f"{self.rows} x {self.dim} {self.dtype} rows do not fit on {self.device} within "
+                              f"device_memory = {budget} bytes (other processes may hold some): pass a smaller "
+                              "device_memory to stream the gallery through it") from None
 
     def _upload(self, parts, rows: int, dtype=None):
         """Host tensors (row blocks) into one device matrix, block by block (no host-side concatenation)."""

@@ -97,6 +97,17 @@ def test_default_dtype_and_options(gallery):
             Index(stores, device="cuda")
 
 
+def test_a_device_out_of_memory_is_one_clear_error(gallery, monkeypatch):
+    stores, _, _ = gallery
+
+    def full(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+
+    monkeypatch.setattr(ResidentGallery, "_upload", full)
+    with pytest.raises(EngineError, match=r"470 x 24 float16 rows do not fit on cpu .* pass a smaller device_memory"):
+        Index(stores, device="cpu")
+
+
 def test_memory_plan():
     assert plan_memory(1000, 10, "float16", None).resident
     p = plan_memory(1000, 10, "float16", 79_000)  # the scan copy and a quarter for work, not the float32 copy too
