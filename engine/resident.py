@@ -26,9 +26,9 @@ import numpy as np
 from . import quantize
 from .checks import check_int
 from .errors import EngineError
+from .search import DEFAULT_RESCORE, merge_topk
 
 DEVICE_DTYPES = ("float16", "bfloat16", "float32")
-DEFAULT_RESCORE = 4  # as engine.search.DEFAULT_RESCORE: k * 4 candidates rescored
 WORK_BYTES = 1 << 30  # score blocks and rescoring gathers, at most (and at most a quarter of the budget)
 CUDA_BUDGET_FRACTION = 0.9  # of the device's free memory when no budget is given
 
@@ -391,8 +391,6 @@ class ResidentGallery:
     def _merge_host_rows(self, q, k, scores, ids):
         """Merge in the rows kept off the device (non-finite scanned copy): those scored on the host, and the first
         k of those whose exact copy holds NaN (NaN for every query, ranked last by lower id)."""
-        from .search import merge_topk
-
         if not len(self.nan_ids) and not len(self.odd_ids):
             return scores, ids
         with np.errstate(invalid="ignore", over="ignore"):

@@ -8,7 +8,7 @@ import torch
 
 from engine import EngineError, Index
 from engine.resident import ResidentGallery, finite_rows, order_topk, plan_memory
-from engine.search import best_k, search, search_stores
+from engine.search import best_k, search, search_stores, store_sources
 from engine.store import Store, add_copy, open_store, read_manifest, write_store
 
 from test_search_core import assert_exact
