@@ -222,8 +222,6 @@ def test_rows_without_a_float32_copy(tmp_path):
 
 def test_resident_gallery_of_sources_directly(gallery):
     stores, g, q = gallery
-    from engine.search import store_sources
-
     held = ResidentGallery(store_sources(stores), "cpu", "bfloat16", 6000)
     assert not held.plan.resident and held.rows == len(g)
     assert_exact(*held.search(q, 30, 4), q, g, 30)
@@ -320,8 +318,6 @@ def test_streaming_orders_copies_and_scoring(gallery, monkeypatch):
     """The CUDA lines of streaming, on stand-ins for torch.cuda that log each call: chunk i is scored only after its
     copy's event, and a buffer is refilled only after the scoring of the chunk it held (two buffers)."""
     stores, g, q = gallery
-    from engine.search import store_sources
-
     held = ResidentGallery(store_sources(stores), "cpu", "float16", 6000)
     log = []
 
