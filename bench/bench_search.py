@@ -19,10 +19,17 @@ written; `--update-results` records the figures in bench/RESULTS.md. The engine 
 its shard kernel on the whole gallery as one shard (what search() does per shard); compressed scans rescore
 100 * R candidates (R = 4) against float32. Figures on a shared machine still move with its load; the ratios
 of one round's calls are reported beside the ratios of medians.
-AML_BENCH_DEVICE=cuda (bench/gpu_check.sh) adds the GPU search path: "torch-cuda" is what `engine search --backend
-torch --device cuda` does per shard (the float16 copy sent to the device, widened, scored in float32, top
-4k rescored on the host), "torch-cuda-resident" the matmul + topk on a gallery already on the device (the floor
-of a GPU scan). Methods whose library is not installed (faiss on the GPU machine) are left out and said so.
+AML_BENCH_DEVICE=cuda (bench/gpu_check.sh) adds the GPU search paths: "resident-cuda" is the product's device index
+(`engine.Index(store, device="cuda")`, what `engine search/serve --device cuda` run: the float16 copy uploaded once,
+query blocks scored by matmul, k * 4 candidates rescored in float32 from the float32 copy on the device), timed per
+`Index.search` call with the results back on the host; its bound is the time the float16 copy takes at the device's
+read bandwidth (measured: a sum over a 4 GiB device tensor). "torch-cuda" is the library's torch backend on CUDA
+per shard (`engine.search(..., backend="torch", device="cuda")`: the float16 copy sent over PCIe on every call),
+"torch-cuda-resident" a bare float32 matmul + topk on a gallery already on the device. AML_BENCH_DEVICE=cpu-resident
+runs the same device index on the host ("resident-cpu", `device="cpu"`: the code path checked without a GPU).
+AML_BENCH_METHODS=a,b,... runs only the methods named (e.g. engine-float32,engine-int8,resident-cuda). The device
+index reads a store written once per (N, D) to a temporary folder. Methods whose library is not installed (faiss on
+the GPU machine) are left out and said so.
 """
 from __future__ import annotations
 
@@ -50,12 +57,19 @@ elif _GRID == "small":
 else:
     GRID = [tuple(int(v) for v in case.split("x")) for case in _GRID.split(",")]
 ALL_METHODS = os.environ.get("AML_BENCH_ALL") == "1"
-CUDA = os.environ.get("AML_BENCH_DEVICE", "cpu") == "cuda"
+DEVICE = os.environ.get("AML_BENCH_DEVICE", "cpu")
+CUDA = DEVICE == "cuda"
+RESIDENT = {"cuda": "resident-cuda", "cpu-resident": "resident-cpu"}.get(DEVICE)
 SLOW_BASELINES = ("faiss-sq-fp16", "faiss-sq-8bit", "torch")
 METHODS = [
     "engine-float32", "engine-float16", "engine-bfloat16", "engine-int8",
     "faiss-flat", "faiss-sq-fp16", "faiss-sq-8bit", "torch",
-] + (["torch-cuda", "torch-cuda-resident"] if CUDA else [])
+] + (["torch-cuda", "torch-cuda-resident"] if CUDA else []) + ([RESIDENT] if RESIDENT else [])
+if os.environ.get("AML_BENCH_METHODS"):
+    _ONLY = os.environ["AML_BENCH_METHODS"].split(",")
+    if set(_ONLY) - set(METHODS):
+        raise ValueError(f"AML_BENCH_METHODS: unknown {sorted(set(_ONLY) - set(METHODS))}, known: {METHODS}")
+    METHODS = [m for m in METHODS if m in _ONLY]
 BASELINE = "faiss-flat"
 # The methods whose arithmetic is float32 multiply-adds, for which the float32 matmul peak is a compute bound; the
 # engine's bfloat16 (dpbf16) and int8 (VNNI / vpmaddwd) scans have faster instructions, whose peak is not measured
@@ -102,7 +116,46 @@ def bounds():
     del f
     m = torch.randn(2048, 2048)
     flops = 2 * 2048**3 / best_time(lambda: m @ m) / 1e9
-    return {"mem_read_GBps": round(bandwidth, 1), "fp32_peak_GFLOPs": round(flops, 1)}
+    out = {"mem_read_GBps": round(bandwidth, 1), "fp32_peak_GFLOPs": round(flops, 1)}
+    if CUDA:  # the device's read bandwidth: the bound of a scan of the resident float16 copy
+        x = torch.ones(2 << 30, dtype=torch.float16, device="cuda")
+        out["device_read_GBps"] = round(x.nbytes / best_time(lambda: (x.sum(), torch.cuda.synchronize())) / 1e9, 1)
+        del x
+        torch.cuda.empty_cache()
+    return out
+
+
+@pytest.fixture(scope="module")
+def device_indexes(tmp_path_factory):
+    """(g, device) -> engine.Index(device=...) over a store of g (float32 + float16 copies), written once per (N, D);
+    the last one only is kept (its device memory freed before the next is built)."""
+    from engine import Index
+    from engine.store import add_copy, write_store
+
+    held: dict = {}
+
+    def get(g, device):
+        key = (g.shape, device)
+        if key not in held:
+            held.clear()
+            path = tmp_path_factory.mktemp("store") / "gallery"
+            add_copy(write_store(path, g, "bench", shard_rows=65536), "float16")
+            held[key] = Index([path], device=device, device_dtype="float16")
+        return held[key]
+
+    return get
+
+
+class Copies(dict):
+    """The gallery's compressed copies (dtype -> quantize.encode's (stored, scale)), each made when first asked for."""
+
+    def __init__(self, g: np.ndarray):
+        super().__init__()
+        self.g = g
+
+    def __missing__(self, dtype):
+        self[dtype] = quantize.encode(self.g, dtype)
+        return self[dtype]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +171,7 @@ def galleries():
             g /= np.linalg.norm(g, axis=1, keepdims=True)
             q = rng.standard_normal((max(q for *_, q in GRID), d), dtype=np.float32)
             q /= np.linalg.norm(q, axis=1, keepdims=True)
-            copies = {dt: quantize.encode(g, dt) for dt in quantize.DTYPES[1:]}
+            copies = Copies(g)
             cache[(n, d)] = (g, copies, q, {})
         return cache[(n, d)]
 
@@ -131,9 +184,12 @@ def exact_ids(g, q, cache):
     return cache[len(q)]
 
 
-def runner(method, g, copies, q):
+def runner(method, g, copies, q, device_indexes=None):
     """A no-argument callable returning ids (Q x K), and the bytes scanned per call."""
     d = g.shape[1]
+    if method.startswith("resident-"):
+        index = device_indexes(g, "cuda" if method == "resident-cuda" else "cpu")
+        return (lambda: index.search(q, K, rescore=RESCORE)[1]), g.nbytes // 2
     if method.startswith("engine-"):
         dt = method.split("-", 1)[1]
         stored, scale = (g, None) if dt == "float32" else copies[dt]
@@ -214,7 +270,7 @@ def interleaved(fns: dict) -> tuple:
 
 
 @pytest.mark.parametrize("n, d, nq", GRID, ids=[f"N{n}-D{d}-Q{q}" for n, d, q in GRID])
-def test_search(benchmark, bench_report, bounds, galleries, n, d, nq):
+def test_search(benchmark, bench_report, bounds, galleries, device_indexes, n, d, nq):
     methods, left = methods_for(n, d, nq)
     if not methods:
         pytest.skip("; ".join(left))
@@ -224,7 +280,7 @@ def test_search(benchmark, bench_report, bounds, galleries, n, d, nq):
     ref = exact_ids(g, q, truth)
     fns, nbytes, recall = {}, {}, {}
     for m in methods:
-        fns[m], nbytes[m] = runner(m, g, copies, q)
+        fns[m], nbytes[m] = runner(m, g, copies, q, device_indexes)
         ids = fns[m]()  # the warm-up call; every method is deterministic, so its ids are those of the rounds
         recall[m] = float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids, ref)]))
     one_round, times = interleaved(fns)
@@ -246,7 +302,10 @@ def test_search(benchmark, bench_report, bounds, galleries, n, d, nq):
         memory = rows[m]["GBps"] / bounds["mem_read_GBps"]
         compute = rows[m]["GFLOPs"] / bounds["fp32_peak_GFLOPs"]
         ridge = 2 * nq / bounds["fp32_peak_GFLOPs"] > 4 / bounds["mem_read_GBps"]
-        if m.startswith("torch-cuda") or (m not in FP32_ARITHMETIC and ridge):
+        if m == "resident-cuda":  # the float16 copy read once at the device's bandwidth
+            fraction, kind = rows[m]["GBps"] / bounds["device_read_GBps"], "device memory"
+            rows[m]["device_bound_qps"] = nq * bounds["device_read_GBps"] * 1e9 / nbytes[m]
+        elif m.startswith("torch-cuda") or (m not in FP32_ARITHMETIC and ridge):
             fraction, kind = None, None
         elif m in FP32_ARITHMETIC and compute > memory:
             fraction, kind = compute, "compute"

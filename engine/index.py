@@ -6,6 +6,10 @@ into RAM with `in_memory=True`); `search` answers exactly as `engine.search_stor
 immutable snapshot: a search takes the snapshot once and reads only it, and `refresh()` builds the next
 generation's snapshot whole before swapping it in, so a search running meanwhile sees the old gallery or the
 new one, never a mix, and the old views are closed when the last search holding them returns.
+
+`Index(paths, device="cuda")` also uploads each generation once to that device (engine.resident): searches are
+then matmuls on the device, their candidates rescored in float32, with the same results; `device="cpu"` runs the
+same torch code on the host (how it is tested without a GPU).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EngineError
+from .resident import ResidentGallery
 from .search import Source, check_gallery, search_sources
 from .store import ShardView, Store, open_store, read_manifest
 
@@ -53,6 +58,7 @@ class _Gallery:
     """One generation of the stores, as searches read it (never changed once built, but for the names cache)."""
 
     sources: list[Source]
+    resident: ResidentGallery | None = None
     _names: np.ndarray | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -69,8 +75,11 @@ class Index:
 
     stores: paths or opened stores (reopened here); in_memory: read every copy of every shard into RAM
     instead of mapping it; shards: for a single store, the shard indices this index holds (a shard group:
-    ids stay the store's row numbers; None = all shards). Thread-safe: any number of threads may search at
-    once, and their scans run concurrently in the engine's pool.
+    ids stay the store's row numbers; None = all shards). device: None (search the mapped shards with the host
+    kernels) or a torch device ("cuda", "cuda:1", "cpu") that holds the gallery (engine.resident): device_dtype,
+    the scanned copy there (float16, bfloat16 or float32; None: float16, or bfloat16 for stores holding that and
+    no float16), and device_memory, the bytes it may take (None: 90% of a GPU's free memory, no limit on the
+    CPU; a gallery beyond it streams through in chunks). Thread-safe: any number of threads may search at once.
     """
 
     def __init__(
@@ -78,12 +87,18 @@ class Index:
         stores: Sequence[str | Path | Store],
         in_memory: bool = False,
         shards: Collection[int] | None = None,
+        device: str | None = None,
+        device_dtype: str | None = None,
+        device_memory: int | None = None,
     ):
         if not stores:
             raise EngineError("an index needs at least one store")
         self.paths = [Path(s.path if isinstance(s, Store) else s) for s in stores]
         self.in_memory = in_memory
         self.shards = None if shards is None else self._check_shards(shards)
+        if device is None and (device_dtype, device_memory) != (None, None):
+            raise EngineError("device_dtype and device_memory are options of a device index: give device=")
+        self.device, self.device_dtype, self.device_memory = device, device_dtype, device_memory
         self._lock = threading.Lock()  # one refresh at a time
         self._gallery = self._open()
 
@@ -104,7 +119,9 @@ class Index:
             sources.append(_open_source(path, offset, self.in_memory, self.shards))
             offset += sources[-1].store.count
         check_gallery([src.store for src in sources])
-        return _Gallery(sources)
+        if self.device is None:
+            return _Gallery(sources)
+        return _Gallery(sources, ResidentGallery(sources, self.device, self.device_dtype, self.device_memory))
 
     @property
     def stores(self) -> list[Store]:
@@ -131,9 +148,11 @@ class Index:
     def search(self, queries: np.ndarray, k: int, space: str | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 Q x k', ids int64 Q x k'), exactly `engine.search_stores(self.stores, ...)`'s.
 
-        Options as `engine.search` (scan, rescore, backend, threads, isa, device); one generation throughout.
+        Options as `engine.search` (scan, rescore, backend, threads, isa, device); a device index takes scan (its
+        device_dtype) and rescore only. One generation throughout.
         """
-        return search_sources(self._gallery.sources, queries, k, space, **options)
+        gallery = self._gallery
+        return search_sources(gallery.sources, queries, k, space, resident=gallery.resident, **options)
 
     def names(self, ids: np.ndarray) -> list[list[str]]:
         """The image name of each global id (Q x k' int -> Q lists of k' names)."""

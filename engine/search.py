@@ -300,10 +300,13 @@ def search_sources(
     threads: int = 0,
     isa: str = "auto",
     device: str = "cpu",
+    resident=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over sources taken as one gallery: the one search that `search`, `search_stores` and `Index` run.
 
-    Options as in `search`, each store planning its own scan (plan_scan). Every error is raised before any work.
+    Options as in `search`, each store planning its own scan (plan_scan). resident: the sources held on a
+    device (engine.resident.ResidentGallery, built by a device Index): it scores instead of the host kernels,
+    taking only scan (its own dtype) and rescore. Every error is raised before any work.
     Returns (scores float32 Q x k', ids int64 Q x k'), k' = min(k, rows not deleted), ids being
     `source.offset` + the store's row number; deleted rows are never returned.
     """
@@ -311,15 +314,24 @@ def search_sources(
     plans = []
     for src in sources:
         q = check_queries(src.store, queries, k, space)
-        plans.append(plan_scan(src.store, scan, rescore))
-    if backend not in BACKENDS:
+        if resident is None:
+            plans.append(plan_scan(src.store, scan, rescore))
+    if resident is not None:
+        if (backend, threads, isa, device) != ("engine", 0, "auto", "cpu"):
+            raise EngineError(f"a device index searches on {resident.device}: backend, threads, isa and device are "
+                              "options of the host search")
+        r = resident.plan_rescore(scan, rescore)
+    elif backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    check_threads(threads, backend)
-    check_device(backend, device)
+    else:
+        check_threads(threads, backend)
+        check_device(backend, device)
     live = sum(src.live for src in sources)
     if live == 0:
         raise EngineError("every row of the gallery was removed: nothing to search", sources[0].store.path)
     k = check_result_size(len(q), int(k), live)
+    if resident is not None:
+        return resident.search(q, k, r)
     scores = np.zeros((len(q), 0), np.float32)
     ids = np.zeros((len(q), 0), np.int64)
     for src, (dtype, r) in zip(sources, plans):

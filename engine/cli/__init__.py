@@ -215,7 +215,8 @@ def search(
     backend: str = typer.Option("engine", "--backend", **opt.SEARCH_BACKEND,
                                 help="Search backend: engine (the C++ kernel), faiss or torch"),
     threads: int = typer.Option(0, "--threads", min=0, help="Search threads (0: all cores)"),
-    device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="cpu, or cuda[:N] with --backend torch (the GPU search path)"),
+    device: str = typer.Option("cpu", "--device", callback=opt.device_name,
+                               help="cpu (the host search, by --backend), or cuda[:N]: the gallery uploaded to that GPU once and searched there by matmul, its candidates rescored in float32 (--scan: the copy held there, float16, bfloat16 or float32)"),
 ):
     """Top-k by inner product of each query against a store (exact by default).
 
@@ -246,8 +247,16 @@ def search(
     store = open_store(store_path)
     q, meta = load_vectors(queries)
     k, rescore, threads = opt.fit_search(store.count, k, rescore, threads, console.print)
-    scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend, threads=threads,
-                             device=device)
+    if device == "cpu":
+        scores, ids = run_search(store, q, k, space=meta.get("space"), scan=scan, rescore=rescore, backend=backend,
+                                 threads=threads, device=device)
+    else:
+        if (backend, threads) != ("engine", 0):
+            raise EngineError(f"--backend and --threads choose how the host searches: --device {device} searches the gallery on the GPU")
+        from ..index import Index
+
+        index = Index([store], device=device, device_dtype=scan)
+        scores, ids = index.search(q, k, meta.get("space"), rescore=rescore)
     save_results(out_path, ids, scores)
     console.print(f"wrote top-{ids.shape[1]} of {store.count} for {len(q)} queries to {out_path}")
 
@@ -264,7 +273,8 @@ def serve(
     max_side: int = typer.Option(MAX_SIDE, "--max-side", min=MIN_SIDE, help=MAX_SIDE_HELP),
     runner: str = typer.Option("auto", "--runner", **opt.RUNNER,
                                help="Inference runner, one of engine.backends.BACKENDS (auto: onnxruntime on CPU, torch on CUDA)"),
-    device: str = typer.Option("cpu", "--device", callback=opt.device_name, help="Where the query encoder runs: cpu, cuda or cuda:N"),
+    device: str = typer.Option("cpu", "--device", callback=opt.device_name,
+                               help="Where the query encoder and the gallery live: cpu (the gallery searched by the host kernels), or cuda[:N] (the gallery uploaded to that GPU once and searched there; with --ray the shard groups stay on their hosts)"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most queries scanned as one block (concurrent requests batched)"),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", callback=opt.number(0, 1000), help="Longest a request waits for others to share its block (ms)"),
     blocks: int = typer.Option(2, "--blocks", min=1, max=64, help="Query blocks scanned at once (each scan already uses every core)"),
@@ -286,7 +296,7 @@ def serve(
 
         index = ShardGroups(store_paths[0], address=ray_address, groups=groups, replicas=replicas)
     else:
-        index = Index(store_paths)
+        index = Index(store_paths, device=None if device == "cpu" else device)
     encoder = None
     if model or student:
         enc = resolve_encoder(model, student, str(store_paths[0]), weights)
