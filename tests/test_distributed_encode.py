@@ -1,5 +1,6 @@
 """`torchrun --nproc-per-node 2 engine encode` (gloo, CPU) writes the store one process writes, byte for byte,
-and a job that lost a rank (an error, or kill -9 of the whole job) resumes from the shards it finished."""
+and a job that lost a rank (an error, or kill -9 of the whole job) resumes from the shards it finished; rank 0's
+one bar counts every rank's items."""
 import json
 import os
 import shutil
@@ -146,13 +147,77 @@ def test_a_second_writer_is_refused_on_every_rank(gallery, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no manifest, no parts
 
 
-def test_two_processes_write_the_single_process_query_vectors(gallery, tmp_path):
-    imgs, _ = gallery
-    one = subprocess.run([ENGINE, *args(imgs, tmp_path / "one.npy")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-2000:]
-    done = encode(imgs, tmp_path / "two.npy", 2)
+def test_nproc_launches_the_job_that_writes_the_single_process_store(gallery, tmp_path):
+    imgs, one = gallery
+    done = subprocess.run([ENGINE, *args(imgs, tmp_path / "two"), "--nproc", "2"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count(" shard(s) ") == 1  # rank 0 reports, once
+    assert contents(tmp_path / "two") == contents(one)
+
+
+def test_nproc_refuses_a_second_writer_with_one_line_per_rank(gallery, tmp_path):
+    from engine.lock import WriteLock
+
+    imgs, _ = gallery
+    out = tmp_path / "s"
+    out.mkdir()
+    held = WriteLock(out)
+    try:
+        done = subprocess.run([ENGINE, *args(imgs, out), "--nproc", "2"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        held.release()
+    assert done.returncode == 1  # the rank's input error, not the launcher's
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") and "one writer at a time" in line for line in lines)
+
+
+def test_two_processes_write_the_single_process_student_queries(gallery, tmp_path):
+    imgs, one = gallery
+    query = ["--student", "mobilenetv2", "--target", str(one), "--images", str(imgs), "--runner", "torch",
+             "--workers", "0", "--max-side", "64", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, more in (("one.npy", []), ("two.npy", ["--nproc", "2"])):
+        done = subprocess.run([ENGINE, "encode", *query, "--out", str(tmp_path / out), *more], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "two.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
     assert (tmp_path / "two.npy.json").read_bytes() == (tmp_path / "one.npy.json").read_bytes()
-    assert len(json.loads((tmp_path / "two.npy.json").read_text())["names"]) == N
+    meta = json.loads((tmp_path / "two.npy.json").read_text())
+    assert len(meta["names"]) == N and meta["encoder"]["role"] == "student"
+
+
+# Two jobs in one torchrun run: the first draws its bar (to a file: not a terminal), the second is left to decide
+# (stderr is a pipe: quiet). Rank 1 has more items than rank 0 and finishes last.
+PROGRESS_JOB = """
+import io, json, sys
+from rich.console import Console
+from engine.distributed import Group
+from engine.progress import JobProgress
+
+group = Group()
+out = io.StringIO()
+for totals, enabled, console in (([3, 7], True, Console(file=out, width=200)), ([5, 2], None, None)):
+    with JobProgress(group, totals, "job", enabled, console) as bar:
+        for _ in range(totals[group.rank]):
+            bar.advance(1)
+        bar.finish()
+        group.barrier()
+    if group.leader:
+        print(json.dumps({"counts": bar.counts, "drawn": out.getvalue()}))
+group.close()
+"""
+
+
+def test_one_bar_counts_every_rank_and_is_quiet_off_a_terminal(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(PROGRESS_JOB)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    drawn, quiet = (json.loads(line) for line in done.stdout.splitlines())
+    assert drawn["counts"] == [3, 7] and quiet["counts"] == [5, 2]
+    line = drawn["drawn"]  # off a terminal, rich draws the final state once
+    assert line.count("\n") == 1 and " 10/10 " in line and line.rstrip().endswith("ranks 3/3 7/7")
+    assert quiet["drawn"] == line and "job" not in done.stderr  # the quiet job drew nothing, anywhere
