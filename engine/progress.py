@@ -21,26 +21,27 @@ POLL_S = 0.5  # how often rank 0 reads the others' counts, and how often a rank 
 class JobProgress:
     """Items done by every rank of a job, drawn on rank 0 as one bar: done / total, images/s, ETA, per-rank counts.
 
-    group: the job's processes (None: this process alone). totals: each rank's number of items, in rank order
-    (every rank knows them from the job's plan). enabled: draw the bar (None: only when stderr is a terminal);
-    a rank that does not draw (all but rank 0, or a quiet rank 0) still counts, and rank 0's `counts` end as
-    every rank's final count either way. console: where the bar goes
-    (None: stderr). Use as a context manager; each rank calls `advance(n)` as items finish and `finish()` once its
-    own work is done, before the job's final meeting (barrier or gather), so that rank 0's bar, closed after
-    that meeting, ends on every rank's final count.
+    group: the job's processes (None: this process alone; a group without a known store counts this rank alone).
+    totals: each rank's number of items, in rank order (every rank knows them from the job's plan).
+    enabled: draw the bar (None: only when stderr is a terminal); console: where (None: stderr).
+    Use as a context manager. Each rank calls `advance(n)` as items finish and `finish()` once its own work is
+    done, before the job's final meeting (a barrier or a gather); rank 0's `counts` (items per rank, in rank
+    order), read after that meeting as the context closes, are then every rank's final counts, drawn or not.
     """
 
     def __init__(self, group, totals: Sequence[int], label: str, enabled: bool | None = None, console: Console | None = None):
-        self.world = 1 if group is None else group.world
-        self.rank = 0 if group is None else group.rank
+        store = None if group is None or group.world == 1 else group.store
+        if store is None:  # alone, or in a group whose store is unknown (joined elsewhere): this rank's count only
+            totals = [totals[0 if group is None else group.rank]]
+        self.world, self.rank = (1, 0) if store is None else (group.world, group.rank)
+        self.leader = group is None or group.leader
         self.totals = list(totals)
         self.counts = [0] * self.world
         self.label = label
-        store = None if group is None or self.world == 1 else group.store
         # keys of this job only: every rank opens its jobs in the same order, so they agree on the number
         self._store, self._prefix = store, (f"progress/{group.next_job()}/" if store is not None else "")
         self._published = 0.0
-        self.draw = self.rank == 0 and (sys.stderr.isatty() if enabled is None else enabled)
+        self.draw = self.leader and (sys.stderr.isatty() if enabled is None else enabled)
         self._bar = None
         if self.draw:
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

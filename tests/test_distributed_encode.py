@@ -221,3 +221,28 @@ def test_one_bar_counts_every_rank_and_is_quiet_off_a_terminal(tmp_path):
     line = drawn["drawn"]  # off a terminal, rich draws the final state once
     assert line.count("\n") == 1 and " 10/10 " in line and line.rstrip().endswith("ranks 3/3 7/7")
     assert quiet["drawn"] == line and "job" not in done.stderr  # the quiet job drew nothing, anywhere
+
+
+def test_a_bar_without_the_job_store_counts_its_own_share():
+    """Alone, or in a group joined elsewhere (no store to read): the bar is this rank's items, never a total it cannot reach."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from engine.progress import JobProgress
+
+    for group, totals in ((None, [4]), (SimpleNamespace(world=2, rank=0, leader=True, store=None), [4, 9])):
+        out = io.StringIO()
+        with JobProgress(group, totals, "job", True, Console(file=out, width=200)) as bar:
+            bar.advance(3)
+            bar.advance(1)
+            bar.finish()
+        assert bar.counts == [4] and " 4/4 " in out.getvalue() and "ranks" not in out.getvalue()
+
+
+def test_nproc_under_torchrun_is_refused(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli("encode", "--model", "effnet-lite2-gem", "--images", tmp_path, "--out", tmp_path / "s", "--nproc", "2")
+    assert code == 1 and err.count("\n") == 1 and "--nproc-per-node" in err
+    assert not (tmp_path / "s").exists()
