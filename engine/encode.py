@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -387,6 +388,7 @@ def encode_to_store(
 # ---------------------------------------------------------------- one store, written by several processes
 
 PARTS = "parts"  # inside the store: shards encoded by any rank, waiting for rank 0 to commit them
+COMMIT_POLL_S = 0.5  # how often rank 0's commit looks for the next part while the ranks encode
 
 
 def _part_paths(out: Path, j: int) -> tuple[Path, Path]:
@@ -422,16 +424,61 @@ def _read_part(out: Path, j: int, key: str, sources: str, dim: int) -> tuple[np.
     return vectors, r["names"], r["skipped"]
 
 
+class _Committer(threading.Thread):
+    """Rank 0's commit, beside its own encoding: each part goes into the store in the plan's order as soon as it
+    and every part before it are whole, so that the commit ends soon after the last part, instead of starting
+    then; a committed part is deleted (the published manifest holds it, and a rerun does not look for it)."""
+
+    def __init__(self, writer: StoreWriter, out: Path, plan: dict, key: str, dim: int):
+        super().__init__(name="aml-commit", daemon=True)
+        self.writer, self.out, self.plan, self.key, self.dim = writer, out, plan, key, dim
+        self.written = threading.Event()  # every rank's parts are written: a part still missing is an error
+        self.stopped = threading.Event()  # the job failed: keep what is committed, commit nothing more
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        ranges, sources = self.plan["ranges"], self.plan["sources"]
+        try:
+            for j in self.plan["todo"]:
+                while (part := _read_part(self.out, j, self.key, sources[j], self.dim)) is None:
+                    if self.stopped.is_set():
+                        return
+                    if self.written.is_set():
+                        raise EngineError(f"shard {j}'s part changed or vanished while the job ran: run it again", self.out / PARTS)
+                    self.written.wait(COMMIT_POLL_S)
+                if self.stopped.is_set():
+                    return
+                _publish_shard(self.writer, j, ranges[j], sources[j], *part)
+                for f in _part_paths(self.out, j):
+                    f.unlink(missing_ok=True)
+        except BaseException as e:  # raised again in the main thread, by `finish`
+            self.error = e
+
+    def finish(self) -> None:
+        """Once every part is written: wait for the commit's end; its error, if any, is raised here."""
+        self.written.set()
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """The job failed: stop after the shard being published (the store stays whole, for a rerun)."""
+        self.stopped.set()
+        self.written.set()
+        self.join()
+
+
 def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shard_rows, dtype, overwrite, runner,
                      group: Group, info: dict, key: str) -> Store:
     """`encode_to_store` by a job of `group.world` processes, the job as a whole being the store's one writer.
 
     Rank 0 takes the store's write lock (a second job is refused on every rank) and plans: the shards to
     (re)write, less those a killed run left whole in parts/, shared round-robin among the ranks. Each rank
-    encodes its shards into parts/ (vectors, then a record with their sha256); after a barrier rank 0 commits
-    every part in the image list's order through the one StoreWriter, so the store (ids, names, bytes) is the
-    one a single process writes, then deletes parts/. A rerun with any number of processes (1 too) trusts only
-    parts whose bytes match their record, and encodes the rest.
+    encodes its shards into parts/ (vectors, then a record with their sha256); meanwhile rank 0 commits the
+    parts in the image list's order through the one StoreWriter (`_Committer`), so the store (ids, names, bytes)
+    is the one a single process writes, and publishes it complete once every rank is done. A rerun with any
+    number of processes (1 too) keeps the shards committed, trusts only parts whose bytes match their record,
+    and encodes the rest.
     """
     writer = plan = None
     if group.leader:
@@ -450,6 +497,10 @@ def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shar
         raise EngineError(plan["error"][0], plan["error"][1])
     ranges, sources = plan["ranges"], plan["sources"]
     shares = [plan["need"][r::group.world] for r in range(group.world)]
+    committer = None
+    if group.leader and (plan["todo"] or not writer.complete):  # else the same job, the same images: nothing to do
+        committer = _Committer(writer, out, plan, key, encoder.dim)
+        committer.start()
     try:
         with JobProgress(group, [sum(ranges[j][1] - ranges[j][0] for j in share) for share in shares], opts.label,
                          opts.progress) as progress:
@@ -457,19 +508,18 @@ def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shar
                           lambda j, *shard: _write_part(out, j, key, sources[j], ranges[j], *shard), progress)
             progress.finish()
             group.barrier()  # every part is written
+        if committer is not None:
+            committer.finish()
     except BaseException:
+        if committer is not None:
+            committer.abort()
         if writer is not None:
             writer.close()  # what was written stays, for a rerun
         raise
     store = None
     if group.leader:
         try:
-            if plan["todo"] or not writer.complete:  # else the same job, the same images: nothing to do
-                for j in plan["todo"]:
-                    part = _read_part(out, j, key, sources[j], encoder.dim)
-                    if part is None:
-                        raise EngineError(f"shard {j}'s part changed or vanished while the job ran: run it again", out / PARTS)
-                    _publish_shard(writer, j, ranges[j], sources[j], *part)
+            if committer is not None:
                 shutil.rmtree(out / PARTS, ignore_errors=True)  # still under the lock: every part is in the manifest
                 store = writer.finish()
             else:
