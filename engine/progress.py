@@ -85,15 +85,24 @@ class JobProgress:
                 self._redraw()
             self._bar.stop()
 
+    # A store that fails (its host, torchrun's agent, is gone: the job is ending) stops the counts, never the work.
+
     def _publish(self) -> None:
-        self._store.set(f"{self._prefix}{self.rank}", str(self.counts[self.rank]))
+        try:
+            self._store.set(f"{self._prefix}{self.rank}", str(self.counts[self.rank]))
+        except RuntimeError:  # torch.distributed's store errors
+            self._store = None
         self._published = time.monotonic()
 
     def _read(self) -> None:
-        for r in range(1, self.world):
-            key = f"{self._prefix}{r}"
-            if self._store.check([key]):  # never blocks on a rank that has published nothing yet
-                self.counts[r] = int(self._store.get(key))
+        store = self._store
+        try:
+            for r in range(1, self.world):
+                key = f"{self._prefix}{r}"
+                if store is not None and store.check([key]):  # never blocks on a rank that has published nothing yet
+                    self.counts[r] = int(store.get(key))
+        except RuntimeError:
+            self._store = None
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):

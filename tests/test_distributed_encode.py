@@ -256,3 +256,28 @@ def test_nproc_under_torchrun_is_refused(run_cli, monkeypatch, tmp_path):
     code, _, err = run_cli("encode", "--model", "effnet-lite2-gem", "--images", tmp_path, "--out", tmp_path / "s", "--nproc", "2")
     assert code == 1 and err.count("\n") == 1 and "--nproc-per-node" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_failing_store_stops_the_counts_not_the_work():
+    """torchrun's agent (the store's host) gone: publishing and reading counts give up quietly; the ranks work on."""
+    from types import SimpleNamespace
+
+    from engine.progress import JobProgress
+
+    class GoneStore:
+        calls = 0
+
+        def set(self, *a):
+            GoneStore.calls += 1
+            raise RuntimeError("connection reset")  # what torch.distributed.DistNetworkError is
+
+        check = get = set
+
+    for rank in (1, 0):
+        group = SimpleNamespace(world=2, rank=rank, leader=rank == 0, store=GoneStore(), next_job=lambda: 1)
+        with JobProgress(group, [2, 2], "job", False) as bar:
+            bar.advance(1)
+            bar.advance(1)
+            bar.finish()
+        assert bar.counts[rank] == 2
+    assert GoneStore.calls == 2  # once by each rank; then the store is left alone
