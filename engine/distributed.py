@@ -90,11 +90,13 @@ def launch(nproc: int, program: str, args: Sequence[str]) -> int:
     torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT), so `Group()` in it joins,
     and, unless OMP_NUM_THREADS is set, a share of the machine's cores each.
 
-    Returns 0, or the exit code of the first rank that failed (128 + N for a signal N); a failed rank prints its
-    own error, and the launcher stops the others.
+    Returns 0, or the exit code of the first rank that failed (128 + N for a signal N; the same when this
+    process is sent a signal N, ^C too: the launcher stops the ranks); a failed rank prints its own error, and
+    the launcher stops the others.
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -109,6 +111,8 @@ def launch(nproc: int, program: str, args: Sequence[str]) -> int:
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return 128 - code if code < 0 else code
+    except SignalException as e:
+        return 128 + int(e.sigval)
     finally:
         elastic.setLevel(saved[0])
         if saved[1] is None:

@@ -1,6 +1,7 @@
-"""`torchrun --nproc-per-node 2 engine encode` (gloo, CPU) writes the store one process writes, byte for byte,
-and a job that lost a rank (an error, or kill -9 of the whole job) resumes from the shards it finished; rank 0's
-one bar counts every rank's items."""
+"""`engine encode --nproc 2` / `torchrun --nproc-per-node 2 engine encode` (gloo, CPU) writes the store (or a
+student's Q.npy) one process writes, byte for byte; a job that lost a rank (an error, kill -9 of the whole job)
+resumes from the shards it finished; a signal to the launcher stops every rank; rank 0's one bar counts every
+rank's items."""
 import json
 import os
 import shutil
@@ -62,15 +63,6 @@ def gallery(tmp_path_factory):
     return root / "imgs", root / "one"
 
 
-def test_two_processes_write_the_single_process_store(gallery, tmp_path):
-    imgs, one = gallery
-    done = encode(imgs, tmp_path / "two", 2)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (done.stdout + done.stderr).count(" shard(s) ") == 1  # rank 0 reports, once
-    assert not (tmp_path / "two" / "parts").exists()
-    assert contents(tmp_path / "two") == contents(one)
-
-
 def test_a_failed_rank_is_resumed_by_two_processes(gallery, tmp_path):
     imgs, one = gallery
     work = tmp_path / "imgs"
@@ -98,33 +90,46 @@ def test_a_failed_rank_is_resumed_by_two_processes(gallery, tmp_path):
     assert a == b
 
 
+def state(out: Path) -> tuple[int, list[str]]:
+    """(shards committed, parts waiting) of a store being written by a job."""
+    try:
+        shards = len(json.loads((out / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        shards = 0
+    return shards, sorted(p.name for p in (out / "parts").glob("*.json"))
+
+
+# A job over a list whose im06 is a pipe, at the point where it hangs: rank 0 has written its last shard (4) and
+# committed (and deleted the parts of) every shard before rank 1's, which hangs reading the pipe (shard 3).
+STUCK = (3, ["shard-00004.json"])
+
+
+def stuck_job(imgs: Path, work: Path) -> Path:
+    """A copy of the images whose im06 is a pipe, and the list naming them (a folder's listing skips a pipe)."""
+    shutil.copytree(imgs, work, copy_function=shutil.copy2)
+    (work / "im06.png").unlink()
+    os.mkfifo(work / "im06.png")
+    listing = work / "list.txt"
+    listing.write_text("".join(f"im{i:02d}.png\n" for i in range(N)))
+    return listing
+
+
+def wait_until_stuck(job: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 120
+    while state(out) != STUCK and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_a_killed_job_is_resumed_by_one_process_that_encodes_only_the_missing_shards(gallery, tmp_path, run_cli, monkeypatch):
     imgs, one = gallery
     work, out = tmp_path / "imgs", tmp_path / "two"
-    shutil.copytree(imgs, work, copy_function=shutil.copy2)
-    (work / "im06.png").unlink()
-    os.mkfifo(work / "im06.png")  # rank 1 hangs reading it: a job stuck midway, at a known point
-    listing = work / "list.txt"  # a list names the pipe (a folder's listing keeps only regular files)
-    listing.write_text("".join(f"im{i:02d}.png\n" for i in range(N)))
+    listing = stuck_job(imgs, work)
     job = launch(listing, out, 2, start_new_session=True)
 
-    def state() -> tuple[int, list[str]]:
-        """(shards committed, parts waiting)"""
-        try:
-            shards = len(json.loads((out / "manifest.json").read_text())["shards"])
-        except (OSError, ValueError):
-            shards = 0
-        return shards, sorted(p.name for p in (out / "parts").glob("*.json"))
-
-    # the point to kill at: rank 0 has written its last shard (4) and committed (and deleted the parts of) every
-    # shard before rank 1's stuck one (3)
-    stuck = (3, ["shard-00004.json"])
-    deadline = time.monotonic() + 120
-    while state() != stuck and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_stuck(job, out)
     os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks: kill -9 of the whole job
     job.communicate()
-    assert state() == stuck and not json.loads((out / "manifest.json").read_text())["complete"]
+    assert state(out) == STUCK and not json.loads((out / "manifest.json").read_text())["complete"]
 
     (work / "im06.png").unlink()
     shutil.copy2(imgs / "im06.png", work / "im06.png")
@@ -141,6 +146,21 @@ def test_a_killed_job_is_resumed_by_one_process_that_encodes_only_the_missing_sh
     assert {k: v for k, v in contents(out).items() if k != "manifest.json"} == ref
 
 
+def nproc(imgs: Path, out: Path, n: int) -> subprocess.CompletedProcess:
+    """`engine encode --nproc n`: torch's launcher, as torchrun --standalone."""
+    return subprocess.run([ENGINE, *args(imgs, out), "--nproc", str(n)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_processes_write_the_single_process_store(gallery, tmp_path):
+    imgs, one = gallery
+    done = nproc(imgs, tmp_path / "two", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count(" shard(s) ") == 1  # rank 0 reports, once
+    assert not (tmp_path / "two" / "parts").exists()
+    assert contents(tmp_path / "two") == contents(one)
+
+
 def test_a_second_writer_is_refused_on_every_rank(gallery, tmp_path):
     from engine.lock import WriteLock
 
@@ -149,38 +169,13 @@ def test_a_second_writer_is_refused_on_every_rank(gallery, tmp_path):
     out.mkdir()
     held = WriteLock(out)  # another writer at work on this store
     try:
-        done = encode(imgs, out, 2)
+        done = nproc(imgs, out, 2)
     finally:
         held.release()
-    assert done.returncode != 0
-    assert done.stderr.count("one writer at a time") == 2  # rank 0 was refused, and told rank 1
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no manifest, no parts
-
-
-def test_nproc_launches_the_job_that_writes_the_single_process_store(gallery, tmp_path):
-    imgs, one = gallery
-    done = subprocess.run([ENGINE, *args(imgs, tmp_path / "two"), "--nproc", "2"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stderr.count(" shard(s) ") == 1  # rank 0 reports, once
-    assert contents(tmp_path / "two") == contents(one)
-
-
-def test_nproc_refuses_a_second_writer_with_one_line_per_rank(gallery, tmp_path):
-    from engine.lock import WriteLock
-
-    imgs, _ = gallery
-    out = tmp_path / "s"
-    out.mkdir()
-    held = WriteLock(out)
-    try:
-        done = subprocess.run([ENGINE, *args(imgs, out), "--nproc", "2"], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    finally:
-        held.release()
-    assert done.returncode == 1  # the rank's input error, not the launcher's
-    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1  # the ranks' input error, not the launcher's
+    lines = done.stderr.strip().splitlines()  # rank 0 was refused, and told rank 1: one line each
     assert len(lines) == 2 and all(line.startswith("error: ") and "one writer at a time" in line for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no manifest, no parts
 
 
 def test_two_processes_write_the_single_process_student_queries(gallery, tmp_path):
@@ -281,3 +276,25 @@ def test_a_failing_store_stops_the_counts_not_the_work():
             bar.finish()
         assert bar.counts[rank] == 2
     assert GoneStore.calls == 2  # once by each rank; then the store is left alone
+
+
+def test_a_signal_to_nproc_stops_every_rank(gallery, tmp_path):
+    from engine.lock import WriteLock
+
+    imgs, _ = gallery
+    work, out = tmp_path / "imgs", tmp_path / "two"
+    listing = stuck_job(imgs, work)
+    job = subprocess.Popen([ENGINE, *args(listing, out), "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_until_stuck(job, out)
+        assert state(out) == STUCK
+        job.send_signal(signal.SIGTERM)  # to the launcher alone
+        job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 128 + signal.SIGTERM
+    WriteLock(out).release()  # rank 0 is gone: nobody holds the store
+    with pytest.raises(OSError):  # rank 1 is gone: nobody reads the pipe it hung on
+        os.close(os.open(work / "im06.png", os.O_WRONLY | os.O_NONBLOCK))

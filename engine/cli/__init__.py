@@ -155,7 +155,8 @@ def encode(
     shard_rows: int = typer.Option(SHARD_ROWS, "--shard-rows", min=1, help="Rows per shard (stores)"),
     dtype: str = typer.Option("float32", "--dtype", **opt.DTYPE, help="Store dtype"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete store (or replace Q.npy)"),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine sharing the job (torchrun's launcher; one device each with --device cuda)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=os.cpu_count() or 1,
+                              help="Processes on this machine sharing the job, at most one per core (torchrun's launcher; one device each with --device cuda)"),
 ):
     """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar).
 
