@@ -1,5 +1,7 @@
-"""The processes of one job launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK): who this one is, and the
-two things they share: a small object rank 0 sends to all (`broadcast`) and a meeting point (`barrier`).
+"""The processes of one job launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK): who this one is, and what
+they share: a small object rank 0 sends to all (`broadcast`), a meeting point (`barrier`) and the rendezvous's
+key-value `store` (where engine.progress counts go, without a collective). `launch` starts such a job on this
+machine, as `torchrun --standalone` would.
 
 Only small objects cross (a plan, an error), so the group always talks over gloo, on CPU and on CUDA alike;
 the data each rank makes goes to files. A lone process (no torchrun) is a group of one that needs no
@@ -8,6 +10,8 @@ torch.distributed at all.
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -26,8 +30,15 @@ class Group:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self._owned = False
+        self._jobs = 0
+        self.store = None  # the rendezvous's key-value store, when this object joined the group (else unknown)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+            # init_process_group's own rendezvous, done here to keep its store
+            store, _, _ = next(dist.rendezvous("env://", self.rank, self.world, timeout=BARRIER_TIMEOUT))
+            store.set_timeout(BARRIER_TIMEOUT)
+            dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=self.rank,
+                                    world_size=self.world, timeout=BARRIER_TIMEOUT)
+            self.store = dist.PrefixStore("aml-engine", store)
             self._owned = True
 
     @property
@@ -50,6 +61,11 @@ class Group:
         dist.gather_object(obj, box, dst=0)
         return box
 
+    def next_job(self) -> int:
+        """A number for the next job step that uses the store (every rank counts its steps in the same order)."""
+        self._jobs += 1
+        return self._jobs
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -66,3 +82,39 @@ def rank_device(device: str, group: Group) -> str:
     if device == "cuda" and group.world > 1 and torch.cuda.is_available():
         return f"cuda:{group.local_rank % torch.cuda.device_count()}"
     return device
+
+
+def launch(nproc: int, program: str, args: Sequence[str]) -> int:
+    """Run `program args...` as `nproc` processes on this machine under torch.distributed's elastic launcher,
+    torchrun's own (the rendezvous of `torchrun --standalone`: a free port on localhost; no restarts), each with
+    torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT), so `Group()` in it joins,
+    and, unless OMP_NUM_THREADS is set, a share of the machine's cores each.
+
+    Returns 0, or the exit code of the first rank that failed (128 + N for a signal N; the same when this
+    process is sent a signal N, ^C too: the launcher stops the ranks); a failed rank prints its own error, and
+    the launcher stops the others.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0)
+    elastic = logging.getLogger("torch.distributed.elastic")
+    saved = elastic.level, os.environ.get("OMP_NUM_THREADS")
+    elastic.setLevel(logging.CRITICAL)  # a failed rank has said why; the agent's report of it is a traceback
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the ranks inherit it
+    try:
+        elastic_launch(config, program)(*args)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    finally:
+        elastic.setLevel(saved[0])
+        if saved[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+    return 0

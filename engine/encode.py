@@ -16,17 +16,16 @@ import hashlib
 import json
 import os
 import shutil
-import sys
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kernels import l2n
 
@@ -37,6 +36,7 @@ from .distributed import Group
 from .files import save_npy, sha256_file, write_text
 from .images import DEFAULT_MAX_SIDE, read_image
 from .models import Encoder, weights_hash
+from .progress import JobProgress
 from .store import DEFAULT_SHARD_ROWS, MANIFEST, Store, StoreWriter, open_store, read_manifest
 
 Item = tuple[Path, Sequence[float] | None]
@@ -142,20 +142,6 @@ def describe(encoder: Encoder, images: torch.Tensor, scales: Sequence[float] = (
     return l2n(v)
 
 
-def _progress(opts: EncodeOptions, total: int) -> Progress:
-    enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 class ShapeBuckets:
     """Decoded images waiting for a forward pass, grouped by shape (only equal shapes share a batch).
 
@@ -194,13 +180,15 @@ class ShapeBuckets:
 
 
 def encode_items(
-    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None
+    encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None = None,
+    progress: JobProgress | None = None,
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """Yield (index, vector (D,) float32 or None, error or None) for every item, in order.
 
     A failed item raises EngineError unless `opts.skip_bad`, in which case it is yielded with its error.
     `opts.workers` threads decode and resize while the runner (`opts.backend`, or `runner` when given) encodes;
     images of equal size are gathered across up to `opts.window` batches to share forward passes.
+    progress: the job's bar (engine.progress) that the items count towards; None: a bar of these items alone.
     """
     if runner is None:
         runner = make_runner(encoder, opts.backend, torch.device(opts.device), compile=opts.compile, cache_dir=opts.cache_dir)
@@ -209,8 +197,8 @@ def encode_items(
     next_i = 0
     # Decoded images queued ahead: the next batches are ready when a forward pass ends.
     ahead = 2 * max(opts.batch_size, opts.workers)
-    with _progress(opts, len(items)) as bar, closing(decode_in_order(items, opts.max_side, opts.workers, ahead)) as decoded:
-        task = bar.add_task(opts.label, total=len(items), rate="")
+    bar = nullcontext(progress) if progress is not None else JobProgress(None, [len(items)], opts.label, opts.progress)
+    with bar as progress, closing(decode_in_order(items, opts.max_side, opts.workers, ahead)) as decoded:
 
         def run(groups):
             for group in groups:
@@ -232,8 +220,7 @@ def encode_items(
                 yield next_i, *results.pop(next_i)
                 next_i += 1
             if next_i > start:
-                elapsed = bar.tasks[task].elapsed or 0.0
-                bar.update(task, advance=next_i - start, rate=f"{next_i / elapsed:.1f} img/s" if elapsed > 0 else "")
+                progress.advance(next_i - start)
 
         for i, img, err in decoded:
             if err is None:
@@ -257,22 +244,30 @@ def encode_to_array(
     """All items in memory: (vectors N' x D float32, indices of the encoded items, skipped [{item, path, error}]).
 
     runner: an already built runner (engine.backends.make_runner) to reuse; None: one is made from `opts`.
-    group: several processes (engine.distributed) each encode a contiguous share of the items and rank 0 gathers
+    group: several processes (engine.distributed) each encode a contiguous share of whole batches and rank 0 gathers
     them (queries are small: they cross over the group, not through files): the result on rank 0, None elsewhere.
     """
-    if group is not None and group.world > 1:
-        a, b = len(items) * group.rank // group.world, len(items) * (group.rank + 1) // group.world
-        if group.rank:
-            opts = dataclasses.replace(opts, progress=False)
-        vecs, kept, skipped = encode_to_array(encoder, items[a:b], opts, runner) if b > a else (
-            np.zeros((0, encoder.dim), np.float32), [], [])
+    if group is None or group.world == 1:
+        return _encode_array(encoder, items, opts, runner, None)
+    # shares of whole batches: the batches (and so, on some kernels, the last bits of each vector) are one process's
+    batches = -(-len(items) // opts.batch_size)
+    bounds = [min(len(items), batches * r // group.world * opts.batch_size) for r in range(group.world + 1)]
+    a, b = bounds[group.rank], bounds[group.rank + 1]
+    with JobProgress(group, [y - x for x, y in zip(bounds, bounds[1:])], opts.label, opts.progress) as progress:
+        vecs, kept, skipped = _encode_array(encoder, items[a:b], opts, runner, progress)
+        progress.finish()
         shares = group.gather((vecs, [a + i for i in kept], [{**s, "item": a + s["item"]} for s in skipped]))
-        if shares is None:
-            return None
-        return (np.concatenate([s[0] for s in shares]), [i for s in shares for i in s[1]],
-                [e for s in shares for e in s[2]])
+    if shares is None:
+        return None
+    return (np.concatenate([s[0] for s in shares]), [i for s in shares for i in s[1]],
+            [e for s in shares for e in s[2]])
+
+
+def _encode_array(encoder: Encoder, items: Sequence[Item], opts: EncodeOptions, runner: Runner | None,
+                  progress: JobProgress | None) -> tuple[np.ndarray, list[int], list[dict]]:
+    """`encode_to_array` in this process: (vectors N' x D float32, indices of the encoded items, skipped)."""
     vecs, kept, skipped = [], [], []
-    for i, v, err in encode_items(encoder, items, opts, runner):
+    for i, v, err in encode_items(encoder, items, opts, runner, progress) if items else ():
         if v is None:
             skipped.append({"item": i, "path": str(items[i][0]), "error": err})
         else:
@@ -313,13 +308,14 @@ def item_sources(items: Sequence[Item]) -> str:
 
 
 def encode_shards(encoder: Encoder, items: Sequence[Item], names: Sequence[str], opts: EncodeOptions, runner: Runner | None,
-                  ranges: Sequence[tuple[int, int]], shards: Sequence[int], emit) -> None:
+                  ranges: Sequence[tuple[int, int]], shards: Sequence[int], emit, progress: JobProgress | None = None) -> None:
     """Encode shards `shards` (indices into `ranges`, each shard's item range) in one stream, handing each to
-    `emit(j, vectors rows x D float32, names, skipped [{item, path, error}])` as soon as it is whole."""
+    `emit(j, vectors rows x D float32, names, skipped [{item, path, error}])` as soon as it is whole.
+    progress: the job's bar (engine.progress); None: a bar of these shards' items."""
     pending = [i for j in shards for i in range(*ranges[j])]
     ends = {ranges[j][1] - 1: j for j in shards}  # last item of each shard -> its index
     vecs, kept, skipped = [], [], []
-    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner) if pending else ()):
+    for pos, (_, v, err) in enumerate(encode_items(encoder, [items[i] for i in pending], opts, runner, progress) if pending else ()):
         i = pending[pos]
         if v is None:
             skipped.append({"item": i, "path": str(items[i][0]), "error": err})
@@ -392,6 +388,7 @@ def encode_to_store(
 # ---------------------------------------------------------------- one store, written by several processes
 
 PARTS = "parts"  # inside the store: shards encoded by any rank, waiting for rank 0 to commit them
+COMMIT_POLL_S = 0.5  # how often rank 0's commit looks for the next part while the ranks encode
 
 
 def _part_paths(out: Path, j: int) -> tuple[Path, Path]:
@@ -427,16 +424,61 @@ def _read_part(out: Path, j: int, key: str, sources: str, dim: int) -> tuple[np.
     return vectors, r["names"], r["skipped"]
 
 
+class _Committer(threading.Thread):
+    """Rank 0's commit, beside its own encoding: each part goes into the store in the plan's order as soon as it
+    and every part before it are whole, so that the commit ends soon after the last part, instead of starting
+    then; a committed part is deleted (the published manifest holds it, and a rerun does not look for it)."""
+
+    def __init__(self, writer: StoreWriter, out: Path, plan: dict, key: str, dim: int):
+        super().__init__(name="aml-commit", daemon=True)
+        self.writer, self.out, self.plan, self.key, self.dim = writer, out, plan, key, dim
+        self.written = threading.Event()  # every rank's parts are written: a part still missing is an error
+        self.stopped = threading.Event()  # the job failed: keep what is committed, commit nothing more
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        ranges, sources = self.plan["ranges"], self.plan["sources"]
+        try:
+            for j in self.plan["todo"]:
+                while (part := _read_part(self.out, j, self.key, sources[j], self.dim)) is None:
+                    if self.stopped.is_set():
+                        return
+                    if self.written.is_set():
+                        raise EngineError(f"shard {j}'s part changed or vanished while the job ran: run it again", self.out / PARTS)
+                    self.written.wait(COMMIT_POLL_S)
+                if self.stopped.is_set():
+                    return
+                _publish_shard(self.writer, j, ranges[j], sources[j], *part)
+                for f in _part_paths(self.out, j):
+                    f.unlink(missing_ok=True)
+        except BaseException as e:  # raised again in the main thread, by `finish`
+            self.error = e
+
+    def finish(self) -> None:
+        """Once every part is written: wait for the commit's end; its error, if any, is raised here."""
+        self.written.set()
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """The job failed: stop after the shard being published (the store stays whole, for a rerun)."""
+        self.stopped.set()
+        self.written.set()
+        self.join()
+
+
 def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shard_rows, dtype, overwrite, runner,
                      group: Group, info: dict, key: str) -> Store:
     """`encode_to_store` by a job of `group.world` processes, the job as a whole being the store's one writer.
 
     Rank 0 takes the store's write lock (a second job is refused on every rank) and plans: the shards to
     (re)write, less those a killed run left whole in parts/, shared round-robin among the ranks. Each rank
-    encodes its shards into parts/ (vectors, then a record with their sha256); after a barrier rank 0 commits
-    every part in the image list's order through the one StoreWriter, so the store (ids, names, bytes) is the
-    one a single process writes, then deletes parts/. A rerun with any number of processes (1 too) trusts only
-    parts whose bytes match their record, and encodes the rest.
+    encodes its shards into parts/ (vectors, then a record with their sha256); meanwhile rank 0 commits the
+    parts in the image list's order through the one StoreWriter (`_Committer`), so the store (ids, names, bytes)
+    is the one a single process writes, and publishes it complete once every rank is done. A rerun with any
+    number of processes (1 too) keeps the shards committed, trusts only parts whose bytes match their record,
+    and encodes the rest.
     """
     writer = plan = None
     if group.leader:
@@ -454,28 +496,30 @@ def _encode_in_parts(encoder, items, names, out: Path, opts: EncodeOptions, shar
     if "error" in plan:
         raise EngineError(plan["error"][0], plan["error"][1])
     ranges, sources = plan["ranges"], plan["sources"]
-    mine = plan["need"][group.rank::group.world]
-    if not group.leader:
-        opts = dataclasses.replace(opts, progress=False)
-    elif group.world > 1:
-        opts = dataclasses.replace(opts, label=f"{opts.label} (rank 0 of {group.world}: {len(mine)} of {len(plan['need'])} shards)")
+    shares = [plan["need"][r::group.world] for r in range(group.world)]
+    committer = None
+    if group.leader and (plan["todo"] or not writer.complete):  # else the same job, the same images: nothing to do
+        committer = _Committer(writer, out, plan, key, encoder.dim)
+        committer.start()
     try:
-        encode_shards(encoder, items, names, opts, runner, ranges, mine,
-                      lambda j, *shard: _write_part(out, j, key, sources[j], ranges[j], *shard))
-        group.barrier()  # every part is written
+        with JobProgress(group, [sum(ranges[j][1] - ranges[j][0] for j in share) for share in shares], opts.label,
+                         opts.progress) as progress:
+            encode_shards(encoder, items, names, opts, runner, ranges, shares[group.rank],
+                          lambda j, *shard: _write_part(out, j, key, sources[j], ranges[j], *shard), progress)
+            progress.finish()
+            group.barrier()  # every part is written
+        if committer is not None:
+            committer.finish()
     except BaseException:
+        if committer is not None:
+            committer.abort()
         if writer is not None:
             writer.close()  # what was written stays, for a rerun
         raise
     store = None
     if group.leader:
         try:
-            if plan["todo"] or not writer.complete:  # else the same job, the same images: nothing to do
-                for j in plan["todo"]:
-                    part = _read_part(out, j, key, sources[j], encoder.dim)
-                    if part is None:
-                        raise EngineError(f"shard {j}'s part changed or vanished while the job ran: run it again", out / PARTS)
-                    _publish_shard(writer, j, ranges[j], sources[j], *part)
+            if committer is not None:
                 shutil.rmtree(out / PARTS, ignore_errors=True)  # still under the lock: every part is in the manifest
                 store = writer.finish()
             else:

@@ -155,16 +155,20 @@ def encode(
     shard_rows: int = typer.Option(SHARD_ROWS, "--shard-rows", min=1, help="Rows per shard (stores)"),
     dtype: str = typer.Option("float32", "--dtype", **opt.DTYPE, help="Store dtype"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete store (or replace Q.npy)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=os.cpu_count() or 1,
+                              help="Processes on this machine sharing the job, at most one per core (torchrun's launcher; one device each with --device cuda)"),
 ):
     """Encode images into a gallery store (resumable) or a query .npy (with a JSON sidecar).
 
-    Under `torchrun --nproc-per-node N [--nnodes M ...] $(which engine) encode ...` the processes share a
-    store's shards (one device each with --device cuda) and rank 0 publishes it, as one process would have;
-    for Q.npy each encodes a share of the queries and rank 0 writes them all.
+    Under `torchrun --nproc-per-node N [--nnodes M ...] $(which engine) encode ...` (or `--nproc N` on this
+    machine) the processes share a store's shards (one device each with --device cuda) and rank 0 publishes it,
+    as one process would have; for Q.npy each encodes a share of the queries and rank 0 writes them all.
     """
-    from ..distributed import Group, rank_device
+    from ..distributed import Group, launch, rank_device
 
-    group = Group()
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EngineError("already under torchrun: give its --nproc-per-node, not --nproc")
+    group = Group() if nproc == 1 else None
     if out_path.suffix == ".npy":
         opt.output_file(out_path)
         if out_path.exists() and not overwrite:
@@ -172,6 +176,12 @@ def encode(
     else:
         opt.output_folder(out_path)
     opt.require_device(device)
+    if group is None:
+        # each process runs this same command line; the last --nproc is the one that counts
+        code = launch(nproc, sys.executable, ["-c", "from engine.cli import main; main()", *_state["argv"], "--nproc", "1"])
+        if code:
+            sys.exit(code)
+        return
     device = rank_device(device, group)
     from ..encode import EncodeOptions, encode_to_array, encode_to_store, save_vectors
 
@@ -659,6 +669,7 @@ def main() -> None:
     """The `engine` command. Exit codes: 0 done, 1 bad input (one line on stderr), 2 usage (typer's),
     70 the engine's own bug (a traceback only with --debug or AML_DEBUG=1), 130 interrupted."""
     _state["debug"] = False
+    _state["argv"] = sys.argv[1:]  # what `encode --nproc N` has each process run
     try:
         code = app(standalone_mode=False)
     except EngineError as e:
