@@ -9,7 +9,7 @@ a header over MAX_PIXELS) is left to the host path, as is any JPEG the device's 
 decodes it, or names the problem exactly as it would have alone.
 
 Same pixels as the host? On the CPU, libjpeg-turbo decodes what Pillow decodes bit for bit and only the resize
-differs (float antialiasing against Pillow's fixed point: a level here and there). nvJPEG upsamples chroma by
+differs (float weights against Pillow's fixed point: one level in a few pixels per million). nvJPEG upsamples chroma by
 nearest neighbour where libjpeg interpolates, so CUDA pixels differ a little more at colour edges
 (tests/test_device_decode.py states the tolerances).
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 
 from .errors import EngineError
 from .images import MAX_PIXELS, crop_box, fit_size
@@ -69,7 +69,7 @@ def read_jpeg(path: str | Path) -> Jpeg | None:
                     img.mode == "L" or (img.mode == "RGB" and img.info.get("adobe_transform", 1) == 1))
                 if not plain or img.width * img.height > MAX_PIXELS:
                     return None
-                orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+                orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
     except Exception:  # Pillow raises many types for a bad header
         return None
     return Jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), orientation)
