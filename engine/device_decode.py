@@ -9,7 +9,7 @@ a header over MAX_PIXELS) is left to the host path, as is any JPEG the device's 
 decodes it, or names the problem exactly as it would have alone.
 
 Same pixels as the host? On the CPU, libjpeg-turbo decodes what Pillow decodes bit for bit and only the resize
-differs (float weights against Pillow's fixed point: one level in a few pixels per million). nvJPEG upsamples chroma by
+differs (float weights against Pillow's fixed point): by one level, in under 1% of the pixels. nvJPEG upsamples chroma by
 nearest neighbour where libjpeg interpolates, so CUDA pixels differ a little more at colour edges
 (tests/test_device_decode.py states the tolerances).
 """
