@@ -17,9 +17,12 @@ ResNet-101 is random-init (no weights ship offline); its speed does not depend o
 Every case's methods are also records of bench/report.py (a row each in the table printed at the end, images/s
 and the ratio to the case's baseline: the torch backend, the teacher, the bare forward; encode.png under --bench-out).
 AML_BENCH_DEVICE=cuda (bench/gpu_check.sh) runs the torch backend on the GPU instead: the EfficientNet models and
-ResNet-101 at 362 and 1024 px in batches of BATCH_CUDA, the student/teacher pair, and the pipeline on 96 JPEGs;
-there the two ratios are reported, not asserted (the targets are the CPU's; on a GPU the pipeline is bound by
-decoding on the host).
+ResNet-101 at 362 and 1024 px in batches of BATCH_CUDA, the student/teacher pair, and the pipeline on 192 JPEGs at
+1024 px for effnet-lite0 and effnet-lite2-gem, three ways in the same rounds: "pipeline" (`engine encode --device
+cuda` as it runs by default: JPEGs decoded by nvJPEG, engine.device_decode), "host" (`--decode host`: Pillow in
+the threads) and "bare" (the forward alone); there the ratios are reported, not asserted (the issue's target:
+pipeline within 1.3x of bare). The CPU's 24-image case also times "device" (`--decode device` on the CPU, the same
+code with libjpeg-turbo): `pytest bench/bench_encode.py -k "pipeline and 1024-24"` is the tiny run of that path.
 """
 from __future__ import annotations
 
@@ -167,12 +170,12 @@ def test_student_vs_resnet101_teacher(benchmark, bench_report, cache, student):
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> list:
-    """96 real photographs as JPEG files at 1024 px (longer side): scikit-image's six, each in four mirrorings,
-    each saved at four JPEG qualities (distinct files, equal sizes: the pipeline can batch them)."""
+    """96 real photographs (192 on CUDA) as JPEG files at 1024 px (longer side): scikit-image's six, each in four
+    mirrorings, each saved at four (eight) JPEG qualities (distinct files, equal sizes: the pipeline can batch them)."""
     root = tmp_path_factory.mktemp("jpegs")
     paths = []
     flips = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]
-    for quality in (90, 85, 80, 75):
+    for quality in (95, 90, 85, 80, 75, 70, 65, 60) if CUDA else (90, 85, 80, 75):
         for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"):
             img = Image.fromarray(getattr(data, name)())
             scale = 1024 / max(img.size)
@@ -185,7 +188,7 @@ def jpegs(tmp_path_factory) -> list:
 
 def pipeline_cases() -> list[tuple[str, int, int]]:
     if CUDA:
-        return [("effnet-lite0", 1024, 96), ("effnet-lite2-gem", 1024, 96)]
+        return [("effnet-lite0", 1024, 192), ("effnet-lite2-gem", 1024, 192)]
     cases = [("mobilenetv2", 1024, 24), ("mobilenetv2", 1024, 96)]
     return cases + [("mobilenetv2", 362, 96), ("effnet-lite2-gem", 1024, 96)] if FULL else cases
 
@@ -211,14 +214,18 @@ def test_pipeline_vs_bare_forward(benchmark, bench_report, cache, tmp_path, jpeg
         for g, x in zip(groups, batches):
             bare_vecs.update(zip((i for i, _ in g), runner(x).cpu().numpy()))
 
-    def pipeline(workers: int):
-        return lambda: encode_to_store(enc, items, names, tmp_path / f"w{workers}.store",
-                                       replace(opts, workers=workers), overwrite=True, runner=runner)
+    def pipeline(workers: int, decode: str = "auto"):
+        return lambda: encode_to_store(enc, items, names, tmp_path / f"w{workers}-{decode}.store",
+                                       replace(opts, workers=workers, decode=decode), overwrite=True, runner=runner)
 
     bare()  # warm-up at every shape
     calls = {"pipeline": pipeline(opts.workers), "bare": bare}
-    if count <= 24:
+    if CUDA:
+        calls["host"] = pipeline(opts.workers, "host")  # the default decodes on the GPU: this is --decode host
+        pipeline(opts.workers)()  # warm-up: nvJPEG's first call sets up its decoder
+    elif count <= 24:
         calls["workers0"] = pipeline(0)
+        calls["device"] = pipeline(opts.workers, "device")
     times, usage = _interleaved(benchmark, calls, rounds=6 if count <= 24 else 4)
     med = {k: statistics.median(v) for k, v in times.items()}
     _report(bench_report, benchmark, f"{name}-{side}px-{count}images", times, "bare", count, images=count)
@@ -229,6 +236,13 @@ def test_pipeline_vs_bare_forward(benchmark, bench_report, cache, tmp_path, jpeg
                                 **{f"{k}_vs_bare": round(v / med["bare"], 3) for k, v in med.items() if k != "bare"},
                                 usage=usage)
     assert len(batches) < count  # equal sizes did share batches
-    stored = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}.store", opts).vectors()
-    np.testing.assert_allclose(stored, np.stack([bare_vecs[i] for i in range(count)]), atol=1e-4 if CUDA else 1e-5)
+    bare_all = np.stack([bare_vecs[i] for i in range(count)])
+    stored = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}-host.store", replace(opts, decode="host")).vectors()
+    np.testing.assert_allclose(stored, bare_all, atol=1e-4 if CUDA else 1e-5)
+    # Decoded on the device: nvJPEG upsamples chroma by nearest neighbour where Pillow interpolates
+    on_device = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}-device.store",
+                                replace(opts, decode="device")).vectors()
+    benchmark.extra_info.update(device_decode_max_abs_diff=float(np.abs(on_device - bare_all).max()),
+                                device_decode_min_cosine=float((on_device * bare_all).sum(1).min()))
+    assert np.abs(on_device - bare_all).max() < (5e-2 if CUDA else 5e-3)
     assert CUDA or ratio <= PIPELINE_OVERHEAD, f"engine encode takes {ratio:.2f}x the bare forward time"

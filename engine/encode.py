@@ -34,12 +34,14 @@ from .checks import check_float, check_int
 from .errors import EngineError
 from .distributed import Group
 from .files import save_npy, sha256_file, write_text
+from .device_decode import Jpeg, decode_fitted, read_jpeg
 from .images import DEFAULT_MAX_SIDE, read_image
 from .models import Encoder, weights_hash
 from .progress import JobProgress
 from .store import DEFAULT_SHARD_ROWS, MANIFEST, Store, StoreWriter, open_store, read_manifest
 
 Item = tuple[Path, Sequence[float] | None]
+DECODE_PLACES = ("auto", "host", "device")  # EncodeOptions.decode
 
 
 @dataclass
@@ -50,6 +52,9 @@ class EncodeOptions:
     backend: the runner (engine.backends: "auto", "torch", "onnxruntime", "tensorrt"); compile: torch.compile
     for the torch backend; cache_dir: where exported ONNX / TensorRT files are cached (None: the default).
     window: decoded images held back at most, in batches, to gather batches of one image size.
+    decode: where JPEGs are decoded and resized, one of DECODE_PLACES: "host" (Pillow, in the threads), "device"
+    (engine.device_decode on the runner's device: nvJPEG on CUDA; the threads only read bytes), "auto" (the
+    device on CUDA, else the host). Other formats are always decoded on the host.
     The runner does not change the job's identity (`describe`): backends agree within 1e-4.
     """
 
@@ -65,36 +70,84 @@ class EncodeOptions:
     compile: bool = False
     cache_dir: str | None = None
     window: int = 4
+    decode: str = "auto"
 
     def describe(self) -> dict:
         return {"max_side": self.max_side, "scales": list(self.scales)}
 
 
-def _read(item: Item, max_side: int) -> tuple[np.ndarray | None, str | None]:
-    """Decode one item; a failure is returned as a message (so the caller can name or skip it), not raised."""
+def _read(item: Item, max_side: int, on_device: bool = False) -> tuple[np.ndarray | Jpeg | None, str | None]:
+    """Decode one item; a failure is returned as a message (so the caller can name or skip it), not raised.
+    on_device: a JPEG the device decodes is only read (a device_decode.Jpeg), not decoded."""
     try:
+        if on_device and (jpeg := read_jpeg(item[0])) is not None:
+            return jpeg, None
         return read_image(item[0], max_side, item[1]), None
     except EngineError as e:
         return None, str(e)
 
 
+def _on_device(chunk: list, items: Sequence[Item], max_side: int, device: torch.device) -> list:
+    """(index, image or Jpeg or None, error) triples with each Jpeg decoded and fitted on `device`; one the
+    decoder refuses is decoded (or its failure named) on the host."""
+    at = [k for k, (_, v, _) in enumerate(chunk) if isinstance(v, Jpeg)]
+    if not at:
+        return chunk
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # this thread's current device
+        fitted = decode_fitted([chunk[k][1] for k in at], [items[chunk[k][0]][1] for k in at],
+                               [items[chunk[k][0]][0] for k in at], max_side, device)
+    chunk = list(chunk)
+    for k, done in zip(at, fitted):
+        i = chunk[k][0]
+        chunk[k] = (i, *(done if done is not None else _read(items[i], max_side)))
+    return chunk
+
+
 def decode_in_order(
-    items: Sequence[Item], max_side: int, workers: int, ahead: int
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    items: Sequence[Item], max_side: int, workers: int, ahead: int, device: torch.device | None = None
+) -> Iterator[tuple[int, np.ndarray | torch.Tensor | None, str | None]]:
     """Yield (index, H x W x 3 uint8 image or None, error or None) for every item, in order.
 
     workers > 0: that many threads decode up to `ahead` items past the one being consumed, overlapping the
     consumer's work; 0: each item is decoded when it is asked for. Closing the generator cancels what is queued.
+    device: JPEGs are read by the threads and decoded on `device` (engine.device_decode), `ahead // 2` at a time
+    by one more thread, a batch ahead of the consumer: their images are tensors on `device`; None: all on the host.
     """
+    if device is None:
+        yield from _read_in_order(items, max_side, workers, ahead, False)
+        return
+    size = max(1, ahead // 2)
+    decoder = ThreadPoolExecutor(1, thread_name_prefix="aml-device-decode")
+    queue: deque = deque()
+    try:
+        with closing(_read_in_order(items, max_side, workers, ahead, True)) as read:
+            chunk = []
+            for triple in read:
+                chunk.append(triple)
+                if len(chunk) == size:
+                    queue.append(decoder.submit(_on_device, chunk, items, max_side, device))
+                    chunk = []
+                    if len(queue) > 1:
+                        yield from queue.popleft().result()
+            if chunk:
+                queue.append(decoder.submit(_on_device, chunk, items, max_side, device))
+        while queue:
+            yield from queue.popleft().result()
+    finally:
+        decoder.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_in_order(items: Sequence[Item], max_side: int, workers: int, ahead: int, on_device: bool) -> Iterator[tuple]:
+    """`decode_in_order`'s threads: (index, `_read`'s result) in order."""
     if workers <= 0:
         for i, item in enumerate(items):
-            yield i, *_read(item, max_side)
+            yield i, *_read(item, max_side, on_device)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="aml-decode")
     queue: deque = deque()
     try:
         for i, item in enumerate(items):
-            queue.append((i, pool.submit(_read, item, max_side)))
+            queue.append((i, pool.submit(_read, item, max_side, on_device)))
             if len(queue) > ahead:
                 j, done = queue.popleft()
                 yield j, *done.result()
@@ -112,6 +165,10 @@ def to_batch(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor
     are scaled there. CPU: contiguous NCHW, which onnxruntime takes without another copy, in one numpy pass
     per image (cast, reorder and divide: 2-3x faster than torch's strided uint8 -> float copy and a division).
     """
+    if any(isinstance(img, torch.Tensor) for img in images):  # decoded on the device (engine.device_decode)
+        u8 = [img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img)) for img in images]  # a host fallback
+        x = torch.stack([img.to(device) for img in u8]).permute(0, 3, 1, 2).float().div_(255.0)
+        return x if device.type == "cuda" else x.contiguous()
     if device.type == "cuda":
         u8 = torch.from_numpy(np.stack(images)).pin_memory().to(device, non_blocking=True)
         return u8.permute(0, 3, 1, 2).float().div_(255.0)
@@ -197,8 +254,12 @@ def encode_items(
     next_i = 0
     # Decoded images queued ahead: the next batches are ready when a forward pass ends.
     ahead = 2 * max(opts.batch_size, opts.workers)
+    if opts.decode not in DECODE_PLACES:
+        raise EngineError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {opts.decode!r}")
+    on_device = opts.decode == "device" or (opts.decode == "auto" and runner.device.type == "cuda")
+    decoding = decode_in_order(items, opts.max_side, opts.workers, ahead, runner.device if on_device else None)
     bar = nullcontext(progress) if progress is not None else JobProgress(None, [len(items)], opts.label, opts.progress)
-    with bar as progress, closing(decode_in_order(items, opts.max_side, opts.workers, ahead)) as decoded:
+    with bar as progress, closing(decoding) as decoded:
 
         def run(groups):
             for group in groups:

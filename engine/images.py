@@ -74,6 +74,19 @@ def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
 
 
+def crop_box(bbx: Sequence[float], width: int, height: int, path) -> tuple[int, int, int, int]:
+    """A box (x1, y1, x2, y2) clipped to a width x height image, in whole pixels: what `read_image` crops.
+
+    A box with less than a pixel inside the image is an EngineError naming `path`.
+    """
+    x1, y1, x2, y2 = (float(v) for v in bbx)
+    x1, y1 = max(0.0, x1), max(0.0, y1)
+    x2, y2 = min(float(width), x2), min(float(height), y2)
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise EngineError(f"bounding box {list(bbx)} is empty inside the {width}x{height} image", path)
+    return round(x1), round(y1), round(x2), round(y2)
+
+
 def read_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence[float] | None = None) -> np.ndarray:
     """An image as an H x W x 3 uint8 RGB array: cropped to `bbx` (x1, y1, x2, y2) first, then resized.
 
@@ -82,12 +95,7 @@ def read_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE, bbx: Sequence
     """
     img = open_rgb(path)
     if bbx is not None:
-        x1, y1, x2, y2 = (float(v) for v in bbx)
-        x1, y1 = max(0.0, x1), max(0.0, y1)
-        x2, y2 = min(float(img.width), x2), min(float(img.height), y2)
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            raise EngineError(f"bounding box {list(bbx)} is empty inside the {img.width}x{img.height} image", path)
-        img = img.crop((round(x1), round(y1), round(x2), round(y2)))
+        img = img.crop(crop_box(bbx, img.width, img.height, path))
     size = fit_size(img.width, img.height, max_side)
     if size != img.size:
         img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)

@@ -284,7 +284,7 @@ def test_encode_pipeline_backends_agree_and_keep_order(student, cache, jpegs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA encoding path needs a CUDA device")
 def test_cuda_encoding_matches_the_cpu(jpegs):
     items = [(p, [20, 10, 400, 300] if i % 2 else None) for i, p in enumerate(jpegs) if i != 3]
-    base = dict(max_side=224, batch_size=3, progress=False, backend="torch")
+    base = dict(max_side=224, batch_size=3, progress=False, backend="torch", decode="host")  # the forward, not nvJPEG (tests/test_device_decode.py)
     cpu, _, _ = encode_to_array(build_student("effnet-lite0", 1280, "s"), items, EncodeOptions(device="cpu", **base))
     gpu, _, _ = encode_to_array(build_student("effnet-lite0", 1280, "s"), items, EncodeOptions(device="cuda", **base))
     # cuDNN convolves in TF32 by default: unit vectors agree to about 1e-3, and so do their rankings.

@@ -151,6 +151,8 @@ def encode(
                                help="Inference runner, one of engine.backends.BACKENDS (auto: onnxruntime on CPU, torch on CUDA)"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the encoder (torch runner)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Where exported ONNX/TensorRT files are cached (default ~/.cache/aml-engine)"),
+    decode: str = typer.Option("auto", "--decode", **opt.DECODE,
+                               help="Where JPEGs are decoded and resized: host (Pillow threads), device (nvJPEG with --device cuda), auto (device on CUDA)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the manifest and go on"),
     shard_rows: int = typer.Option(SHARD_ROWS, "--shard-rows", min=1, help="Rows per shard (stores)"),
     dtype: str = typer.Option("float32", "--dtype", **opt.DTYPE, help="Store dtype"),
@@ -189,7 +191,7 @@ def encode(
     items, names = resolve_items(images, gnd, train_set, split)
     opts = EncodeOptions(max_side=max_side, batch_size=batch_size, workers=_workers(workers), scales=scales,
                          skip_bad=skip_bad, device=device, label=f"encoding {split} with {enc.name}", backend=runner,
-                         compile=compile_, cache_dir=cache_dir)
+                         compile=compile_, cache_dir=cache_dir, decode=decode)
     if out_path.suffix == ".npy":
         try:
             shares = encode_to_array(enc, items, opts, group=group)

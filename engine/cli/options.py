@@ -70,6 +70,7 @@ SEARCH_BACKEND = choice("backend", _names("engine.search", "BACKENDS"))
 DIFFICULTY = choice("difficulty", _names("engine.datasets.views", "DIFFICULTIES"), "DIFFICULTY")  # views imports torch (images)
 DATASET = choice("dataset", _names("engine.datasets.download", "DATASETS"), "NAME")  # download imports torch (cirtorch)
 RUNNER = choice("runner", _names("engine.backends", "BACKENDS"), "RUNNER")  # engine.backends.BACKENDS
+DECODE = choice("decoding place", _names("engine.encode", "DECODE_PLACES"), "WHERE")  # engine.encode.DECODE_PLACES
 LOSS = choice("loss", _names("training.losses", "LOSSES"), "LOSS")  # training.losses.LOSSES
 STUDENT = choice("student", lambda: _registry("student"), "ARCH")  # the registry's students (engine models)
 STUDENT_OR_TEACHER = choice("student or teacher", lambda: _registry("any"), "NAME")  # a student architecture or a teacher name
