@@ -1,6 +1,7 @@
-"""The tables of bench/gpu_check.sh: its pytest-benchmark JSON files (head, encode, search) as markdown.
+"""The tables of bench/gpu_check.sh as markdown: its pytest-benchmark JSON files (encode, search) and the head's
+own markdown (bench_head.txt, printed by bench/bench_head.py).
 
-Run: `python bench/gpu_report.py OUT_DIR` (gpu_check.sh does); a file that is missing is said so.
+Run: `python bench/gpu_report.py OUT_DIR` (gpu_check.sh does); a file that is missing or unreadable is said so.
 """
 from __future__ import annotations
 
@@ -21,21 +22,6 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
-def head(runs: dict) -> list[str]:
-    rows = []
-    for b in runs["benchmarks"]:
-        case, backend = b["param"].rsplit("-", 1)
-        s, e = b["stats"], b["extra_info"]
-        rows.append([case, backend, f"{s['median'] * 1e6:.1f}", e["gb_per_s"], e.get("gpu_us", "-"), e.get("graph_us") or "-",
-                     e.get("bound_us", "-"), f"{e['x_bound']}x" if "x_bound" in e else "-",
-                     f"{e['graph_x_bound']}x" if e.get("graph_x_bound") else "-"])
-    return (["Descriptor head: wall time per call including launches and a synchronize; GPU time (do_bench: CUDA "
-             "events, launched from Python) and as a CUDA graph replay, against the memory bound (bytes read at the "
-             "measured read bandwidth):", ""]
-            + table(["case", "backend", "wall us", "wall GB/s", "GPU us", "graph us", "bound us", "GPU / bound",
-                     "graph / bound"], rows))
-
-
 def encode(runs: dict) -> list[str]:
     grid, pairs, pipes = [], [], []
     for b in runs["benchmarks"]:
@@ -45,14 +31,17 @@ def encode(runs: dict) -> list[str]:
         elif "speedup" in e:
             pairs.append([e["student"], e["batch"], e["student_images_per_s"], e["teacher_images_per_s"], f"{e['speedup']}x"])
         elif "pipeline_vs_bare" in e:
-            pipes.append([e["model"], e["side"], e["images"], e["workers"], e["pipeline_images_per_s"], e["bare_images_per_s"],
-                          f"{e['pipeline_vs_bare']}x"])
+            host = (f"{e['host_images_per_s']} ({e['host_vs_bare']}x)" if "host_vs_bare" in e else "-")
+            pipes.append([e["model"], e["side"], e["images"], e["workers"], e["pipeline_images_per_s"], host,
+                          e["bare_images_per_s"], f"{e['pipeline_vs_bare']}x", e.get("device_decode_max_abs_diff", "-")])
     return (["Encoding, torch backend, float32, channels_last (random pixels, forward + copy of the vectors back):", ""]
             + table(["model", "side", "batch", "images/s"], grid)
             + ["", "Student vs the ResNet-101 teacher (eager, NCHW), 362 px:", ""]
             + table(["student", "batch", "student images/s", "teacher images/s", "speedup"], pairs)
-            + ["", "`engine encode` pipeline (JPEG decoding threads + forward + store) vs the bare forward:", ""]
-            + table(["model", "side", "images", "decoding threads", "pipeline images/s", "bare images/s", "ratio"], pipes))
+            + ["", "`engine encode` pipeline (JPEGs decoded on the device by default, or by --decode host) vs the bare "
+               "forward:", ""]
+            + table(["model", "side", "images", "reading threads", "pipeline images/s", "--decode host images/s (ratio)",
+                     "bare images/s", "pipeline / bare", "max |device - host decoded vector|"], pipes))
 
 
 def search(runs: dict) -> list[str]:
@@ -61,22 +50,30 @@ def search(runs: dict) -> list[str]:
         e = b["extra_info"]
         for m, r in e["methods"].items():
             recall = f" ({r['recall']:.3f})" if r["recall"] < 0.9995 else ""
-            rows.append([e["N"], e["D"], e["Q"], m, f"{r['qps']:.4g}{recall}", f"{r['GBps']:.1f}"])
-    return ["Search, k = 100, medians of interleaved rounds; queries/s (recall@100 when below 1):", ""] + table(
-        ["N", "D", "Q", "method", "queries/s", "GB/s"], rows)
+            bound = (f"{r['device_bound_qps']:.4g} ({r['qps'] / r['device_bound_qps']:.2f})"
+                     if "device_bound_qps" in r else "-")
+            rows.append([e["N"], e["D"], e["Q"], m, f"{r['qps']:.4g}{recall}", f"{r['GBps']:.1f}", bound])
+    return ["Search, k = 100, medians of interleaved rounds; queries/s (recall@100 when below 1); device bound: the "
+            "float16 copy read once at the device's measured read bandwidth, as queries/s (the fraction reached):",
+            ""] + table(["N", "D", "Q", "method", "queries/s", "GB/s", "device bound q/s (fraction)"], rows)
 
 
 def main(out: Path) -> str:
     lines = []
-    for name, render in (("head", head), ("encode", encode), ("search", search)):
+    try:
+        lines += [(out / "bench_head.txt").read_text().strip(), ""]
+    except OSError:
+        lines += ["bench_head.txt: missing (that step did not run)", ""]
+    for name, render in (("encode", encode), ("search", search)):
         runs = load(out, name)
         if runs is None:
             lines += [f"bench_{name}.json: missing or unreadable (that step failed or timed out)", ""]
             continue
-        if name == "head":
-            machine = runs["machine_info"].get("cpu", {}).get("brand_raw", "")
-            lines += [f"{runs['datetime']}, host CPU {machine}", ""]
-        lines += render(runs) + [""]
+        lines += [f"{runs['datetime']}, host CPU {runs['machine_info'].get('cpu', {}).get('brand_raw', '')}", ""]
+        try:
+            lines += render(runs) + [""]
+        except (KeyError, TypeError, ValueError) as e:  # one malformed record must not hide the other tables
+            lines += [f"bench_{name}.json: could not be tabled ({type(e).__name__}: {e})", ""]
     return "\n".join(lines)
 
 
