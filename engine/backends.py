@@ -23,6 +23,7 @@ import importlib.util
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -203,7 +204,12 @@ class GraphedForward:
                 return self.model(bucket.input)[:n].float()
             with torch.cuda.device(self.device):  # "cuda:1" while another device is current: replay there
                 if bucket.graph is None:
-                    bucket.capture(self.model)
+                    try:
+                        bucket.capture(self.model)
+                    except RuntimeError as e:  # a model that cannot be captured still encodes, eagerly from now on
+                        self.graphs = False
+                        warnings.warn(f"CUDA graph capture failed, the encoder runs eagerly: {e}", RuntimeWarning)
+                        return self.model(bucket.input)[:n].float()
                 bucket.graph.replay()
             # A copy: the next replay overwrites the static output.
             return bucket.output[:n].float().clone()

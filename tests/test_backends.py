@@ -142,6 +142,27 @@ def test_graph_policy_capture_on_second_call_replay_and_copy_out(monkeypatch):
     assert len(captured) == 1  # bucket 4 is back, but on its first call again: eager
 
 
+def test_a_failed_capture_falls_back_to_the_eager_forward(monkeypatch):
+    # A model whose forward cannot be captured (an op that synchronises, say) still encodes: eagerly, said once.
+    def capture(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(backends, "capture_cuda_graph", capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    graphed = GraphedForward(net, torch.device("cpu"), channels_last=False)
+    graphed.graphs = True
+    x = torch.rand(4, 3, 8, 8)
+    graphed(x)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = graphed(x)  # the second call would capture
+    assert graphed.graphs is False
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(graphed(x), net(x), rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_equal_the_eager_forward_on_the_gpu(monkeypatch):
     # TF32 off: the padded batch of 4 may get other cuDNN algorithms than the eager batch of 3, which TF32's
