@@ -72,6 +72,10 @@ class EncodeOptions:
     window: int = 4
     decode: str = "auto"
 
+    def __post_init__(self):  # refused where the options are made, whether or not any item is encoded
+        if self.decode not in DECODE_PLACES:
+            raise EngineError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {self.decode!r}")
+
     def describe(self) -> dict:
         return {"max_side": self.max_side, "scales": list(self.scales)}
 
@@ -254,8 +258,6 @@ def encode_items(
     next_i = 0
     # Decoded images queued ahead: the next batches are ready when a forward pass ends.
     ahead = 2 * max(opts.batch_size, opts.workers)
-    if opts.decode not in DECODE_PLACES:
-        raise EngineError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {opts.decode!r}")
     on_device = opts.decode == "device" or (opts.decode == "auto" and runner.device.type == "cuda")
     decoding = decode_in_order(items, opts.max_side, opts.workers, ahead, runner.device if on_device else None)
     bar = nullcontext(progress) if progress is not None else JobProgress(None, [len(items)], opts.label, opts.progress)
