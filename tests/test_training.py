@@ -70,7 +70,7 @@ def untrained(start):
 
 
 @pytest.mark.parametrize("loss,mode,extra", [("contrastive", "asym", ()), ("contrastive+", "asym", ()),
-                                             ("triplet", "sym", ("--margin", 1.0)),  # 0.1: every triplet satisfied
+                                             ("triplet", "sym", ("--margin", 1.0)),  # a margin no tiny-set triplet satisfies
                                              ("multi-similarity", "asym", ()), ("rkd", "asym", ()), ("csd", "asym", ())])
 def test_each_loss_family_trains_an_epoch(tiny_train, teacher_store, tmp_path, run_cli, untrained, loss, mode, extra):
     # No weight decay: under Adam it alone would move every weight, whatever the loss did.
