@@ -48,6 +48,7 @@ __all__ = [
     "contrastive_plus",
     "csd",
     "darkrank",
+    "loss_options",
     "make_loss",
     "multi_similarity",
     "regression",
@@ -430,14 +431,20 @@ LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (
     Regression, Contrastive, ContrastivePlus, Triplet, MultiSimilarity, Rkd, DarkRank, Csd)}
 
 
-def make_loss(name: str, **options) -> Loss:
-    """The loss registered as `name`, built with `options` (an option given as None keeps the loss's
-    default). An unknown name, an option the loss does not take, or a bad value is an EngineError."""
+def loss_options(name: str) -> set[str]:
+    """The option names the loss registered as `name` takes (an unknown name: an EngineError)."""
     cls = LOSSES.get(name)
     if cls is None:
         raise EngineError(f"unknown loss {name!r}: expected one of {', '.join(LOSSES)}")
+    return set(inspect.signature(cls).parameters)
+
+
+def make_loss(name: str, **options) -> Loss:
+    """The loss registered as `name`, built with `options` (an option given as None keeps the loss's
+    default). An unknown name, an option the loss does not take, or a bad value is an EngineError."""
+    takes = loss_options(name)
+    cls = LOSSES[name]
     given = {k: v for k, v in options.items() if v is not None}
-    takes = set(inspect.signature(cls).parameters)
     foreign = sorted(set(given) - takes)
     if foreign:
         have = ", ".join(sorted(takes)) or "none"
