@@ -495,3 +495,21 @@ def test_gallery_adaptation_refusals_are_one_line(tiny_bench, tmp_path, run_cli,
     images = () if "--images" in extra else ("--images", tiny_bench / "jpg")
     code, _, err = run_cli("train", "--adapt-gallery", gallery, *images, "--out", tmp_path / "adapt", "--workers", 0, *extra)
     assert code == EXIT_INPUT and len(err.strip().splitlines()) == 1 and message in err
+
+
+@pytest.mark.slow
+def test_demo_adapt_adds_the_transductive_rows(tmp_path, run_cli):
+    from PIL import Image
+    from skimage import data
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photos, "--json", "--adapt", "--epochs", 2)
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert set(metrics) == {"teacher_sym", "student_sym", "student_asym", "student_adapted_asym", "student_adapted_sym"}
+    assert all(0 <= metrics[k]["medium"]["mAP"] <= 100 for k in metrics)
+    adapted = load_checkpoint(tmp_path / "demo" / "adapt-untrained" / "last.safetensors")
+    assert adapted.config["train"]["gallery"].endswith("teacher.store") and adapted.config["epoch"] == 2

@@ -516,6 +516,8 @@ def train(
                                     "cirtorch's) or trunk (only the head learns)"),
     center: bool = typer.Option(True, "--center/--no-center", help="Targets: teacher vectors minus their training mean"),
     val_every: int = typer.Option(1, "--val-every", min=1, help="Validate every N epochs (and after the last)"),
+    select: str = typer.Option("auto", "--select", **opt.fixed("auto", "asym", "sym"),
+                               help="The validation mAP that chooses the best model: asym, sym or auto (the --mode's)"),
     val_scales: str = typer.Option("1", "--val-scales", callback=parse_scales,
                                    help="Validation's multi-scale factors for the student, e.g. 1,0.7071,0.5"),
     patience: Optional[int] = typer.Option(None, "--patience", min=1,
@@ -544,7 +546,7 @@ def train(
              if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
     fields = {"student", "weights", "loss", "mode", "margin", "reduction", "epochs", "lr", "lr_decay", "weight_decay",
               "batch_size", "images_per_batch", "images_per_epoch", "query_size", "pool_size", "neg_num", "negatives",
-              "max_side", "seed", "freeze", "val_every", "val_scales", "patience", "center"}
+              "max_side", "seed", "freeze", "val_every", "select", "val_scales", "patience", "center"}
     cfg = TrainConfig.from_recipe(recipe, workers=_workers(workers), **{k: v for k, v in given.items() if k in fields})
     if adapt_gallery is not None:
         from training.adapt import adapt_to_gallery
@@ -658,12 +660,15 @@ def demo(
     train: Optional[str] = typer.Option(None, "--train", **opt.LOSS, help="Also train the student with this loss (one of training.losses.LOSSES) and score it"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs with --train"),
     scales: str = typer.Option("1", "--scales", callback=parse_scales, help="Test-time multi-scale factors, e.g. 1,0.707,0.5 (METHOD.md's protocol)"),
+    adapt: bool = typer.Option(False, "--adapt", help="Also fit the student to the test gallery's own images, label-free "
+                                                     "(transductive: rows student_adapted_*, apart from the protocol's)"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
     opt.output_folder(out_dir)
     from .demo import run_demo
 
-    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales)
+    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales,
+                       adapt=adapt)
     if as_json:
         print(json.dumps(results["metrics"]))
     else:
