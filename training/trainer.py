@@ -4,8 +4,9 @@ Per epoch, as the loss declares (`training.losses.Loss`; the trainer never looks
 that does not need tuples (regression, RKD, DarkRank, CSD) gets batches of random images; a tuple loss
 (contrastive, contrastive+, triplet, multi-similarity) gets (query, positive) pairs with hard negatives
 mined from a pool (student queries against teacher pool vectors in asymmetric mode). Adam with the GeM p group at 10x lr and no weight decay,
-exponential lr decay, BatchNorm frozen. Validation each epoch (asymmetric and symmetric mAP),
-best-model selection, checkpoints after each epoch and resume. Under torchrun every process
+exponential lr decay, BatchNorm statistics frozen (its affine weights too, unless freeze="stats"). Validation
+each epoch (asymmetric and symmetric mAP) on held-out scenes, best-model selection, early stopping (patience),
+checkpoints after each epoch and resume. `TrainConfig.from_recipe` starts from a named preset (training.recipes). Under torchrun every process
 takes its share of each batch and the gradients are averaged with torch.distributed's all-reduce.
 """
 from __future__ import annotations
@@ -120,7 +121,8 @@ class TrainConfig:
         A recipe's loss options (margin, reduction) apply only to a loss that takes them. The result records
         the recipe's name; it is checked when used (`check`).
         """
-        takes = loss_options(given.get("loss", cls.loss)) if given.get("loss", cls.loss) in LOSSES else set()
+        loss = given.get("loss", cls.loss)
+        takes = loss_options(loss) if loss in LOSSES else set()  # an unknown loss is check()'s to name
         values = {**recipe_values(recipe, takes), **given, "recipe": recipe}
         if "val_scales" in values:
             values["val_scales"] = tuple(values["val_scales"])
