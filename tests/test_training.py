@@ -413,6 +413,19 @@ def views_bench(tmp_path_factory):
     return root / "bench", info
 
 
+@pytest.mark.parametrize("n", [4, 5, 8, 40])
+def test_validation_scenes_come_from_the_training_side(n):
+    from engine.datasets.views import split_scenes
+
+    photos = [Path(f"p{i}.jpg") for i in range(n)]
+    before = split_scenes(photos, 0, 0.4, {photos[0]}, val_fraction=0.0)
+    after = split_scenes(photos, 0, 0.4, {photos[0]}, val_fraction=0.2)
+    assert [s == "test" for s in after] == [s == "test" for s in before]  # the test scenes do not move
+    assert all(b == "train" for a, b in zip(after, before) if a == "val")
+    assert after.count("val") == (0 if before.count("train") < 3 else max(1, round(0.2 * before.count("train"))))
+    assert after.count("train") >= 2 or after.count("val") == 0  # mining keeps another cluster
+
+
 def test_validation_on_held_out_scenes_end_to_end(views_bench, tmp_path, run_cli):
     from engine.datasets.revisited import load_gnd
     from engine.datasets.sfm import load_training_set
