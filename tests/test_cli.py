@@ -207,7 +207,7 @@ def test_option_defaults_are_the_library_defaults():
             field = renamed.get(name, name)
             if field not in fields or name == "workers":
                 continue
-            default = parse_scales(p.default) if name == "scales" else p.default
+            default = parse_scales(p.default) if name in ("scales", "val_scales") else p.default
             assert default == fields[field], (cmd, name)
             checked += 1
     assert checked >= 25

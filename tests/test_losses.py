@@ -3,6 +3,7 @@ the trainer calls), one-tuple batches, zero-loss cases, and the pytorch-metric-l
 tuple losses rely on."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -38,7 +39,7 @@ def direct_contrastive_plus(a, refs, t, margin=0.7):
     return direct_contrastive(a, refs, margin) + (0.5 * (a - t).norm(dim=1) ** 2).sum()
 
 
-def direct_triplet(a, refs, margin=0.1):
+def direct_triplet(a, refs, margin=0.7):
     d2 = ((a[:, None, :] - refs) ** 2).sum(dim=2)
     return (d2[:, :1] - d2[:, 1:] + margin).clamp(min=0).sum()
 
@@ -192,6 +193,37 @@ def test_triplet_margins(tuples):
         assert torch.allclose(triplet(a, refs, margin=margin), direct_triplet(a, refs, margin))
 
 
+def test_triplet_default_margin_is_the_papers():
+    # The AML runs' --loss-margin (0.7), on squared distances: a triplet whose negative is 0.3 (squared)
+    # farther than its positive satisfies PML's 0.1 but still counts under the paper's margin.
+    a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    refs = torch.tensor([[[0.8, 0.6], [0.65, 0.76]]], dtype=torch.float64)
+    d2 = ((a[:, None] - refs) ** 2).sum(dim=2)[0]
+    gap = (d2[1] - d2[0]).item()
+    assert 0.1 < gap < 0.7
+    assert make_loss("triplet").margin == 0.7 == inspect.signature(triplet).parameters["margin"].default
+    assert triplet(a, refs, margin=0.1).item() == 0.0
+    assert make_loss("triplet")(a, a, refs=refs).item() == pytest.approx(0.7 - gap, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_regression_sum_is_the_mean_times_the_batch(n):
+    # The AML code sums 1/2 ||s - t||^2 over its 5-image batches; the project's default averages: the
+    # gradient differs by exactly the batch size, which changes what a learning rate and weight decay mean.
+    s, t = unit(n, D, seed=40), unit(n, D, seed=41)
+    grads = {}
+    for reduction in ("mean", "sum"):
+        x = s.clone().requires_grad_()
+        loss = make_loss("regression", reduction=reduction)(x, t)
+        loss.backward()
+        grads[reduction] = (loss.detach(), x.grad)
+        assert make_loss("regression", reduction=reduction).reduction == reduction
+    assert torch.allclose(grads["sum"][0], n * grads["mean"][0], rtol=1e-12)
+    assert torch.allclose(grads["sum"][1], n * grads["mean"][1], rtol=1e-12)
+    assert torch.allclose(grads["sum"][1], s - t, rtol=1e-12)  # d/ds of sum 1/2 ||s - t||^2
+    assert make_loss("regression").reduction == "mean"
+
+
 def test_multi_similarity_options(tuples):
     a, refs, _ = tuples
     assert torch.allclose(multi_similarity(a, refs, lam=0.3, alpha=1.0, beta=10.0),
@@ -272,7 +304,7 @@ def test_declared_needs_follow_the_options():
     assert make_loss("csd", csd_k=7).needs_neighbours == 7
     assert make_loss("darkrank").min_images == 5  # a list of 4 others per image
     assert LOSSES["darkrank"](list_len=None).min_images == 2  # all others: any two images
-    summed = {name for name in LOSSES if make_loss(name).reduction == "sum"}
+    summed = {name for name in LOSSES if make_loss(name).reduction == "sum"}  # each loss's own default
     assert summed == {name for name in LOSSES if make_loss(name).needs_tuples}
     assert make_loss("contrastive", reduction="mean").reduction == "mean"
 

@@ -70,7 +70,7 @@ def untrained(start):
 
 
 @pytest.mark.parametrize("loss,mode,extra", [("contrastive", "asym", ()), ("contrastive+", "asym", ()),
-                                             ("triplet", "sym", ("--margin", 1.0)),  # 0.1: every triplet satisfied
+                                             ("triplet", "sym", ("--margin", 1.0)),  # a margin no tiny-set triplet satisfies
                                              ("multi-similarity", "asym", ()), ("rkd", "asym", ()), ("csd", "asym", ())])
 def test_each_loss_family_trains_an_epoch(tiny_train, teacher_store, tmp_path, run_cli, untrained, loss, mode, extra):
     # No weight decay: under Adam it alone would move every weight, whatever the loss did.
@@ -113,7 +113,7 @@ BAD_VALUES = [
     (("--loss", "nope"), "unknown loss 'nope'"),
     (("--mode", "both"), "--mode must be one of asym, sym, got 'both'"),
     (("--negatives", "easy"), "--negatives must be one of hard, random, got 'easy'"),
-    (("--freeze", "all"), "--freeze must be one of bn, trunk, got 'all'"),
+    (("--freeze", "all"), "--freeze must be one of bn, stats, trunk, got 'all'"),
     (("--loss", "regression", "--mode", "sym"), "regression transfers the teacher's knowledge: it has no symmetric form"),
     (("--val-gnd", "v/gnd.pkl"), "v/gnd.pkl: --val-gnd needs --val-store"),
     (("--val-store", "v.store"), "v.store: --val-store needs --val-gnd"),
@@ -215,7 +215,7 @@ def scripted_validation(monkeypatch, scores):
 
     seen = []
 
-    def validate(student, val, max_side, workers=0):
+    def validate(student, val, max_side, workers=0, scales=(1.0,)):
         seen.append({k: v.detach().clone() for k, v in student.state_dict().items()})
         asym, sym = scores[len(seen) - 1]
         return {"val_asym_mAP": asym, "val_sym_mAP": sym, "val_asym_hard": 0.0, "val_sym_hard": 0.0}
@@ -318,3 +318,211 @@ def test_sym_fine_tuning_of_a_teacher_moves_it_into_a_new_space(tiny_train, teac
     assert tuned.space != start.space and tuned.space == space_id(tuned)
     changed = [not torch.equal(a, b) for a, b in zip(tuned.trunk.state_dict().values(), start.trunk.state_dict().values())]
     assert any(changed)
+
+
+# ---------------------------------------------------------------- recipes: presets that explicit options override
+def test_recipes_preset_values_that_explicit_options_override():
+    from training.recipes import RECIPES
+
+    aml = TrainConfig.from_recipe("aml")
+    assert {k: getattr(aml, k) for k in RECIPES["aml"] if k not in ("margin",)} == {
+        k: v for k, v in RECIPES["aml"].items() if k != "margin"}
+    assert (aml.recipe, aml.lr, aml.epochs, aml.max_side, aml.freeze, aml.reduction) == ("aml", 1e-6, 100, 1024, "stats", "sum")
+    assert aml.margin is None  # regression takes no margin: the recipe's applies to losses that do
+    assert TrainConfig.from_recipe("aml", loss="contrastive").margin == 0.7
+    assert TrainConfig.from_recipe("aml", loss="rkd").reduction is None  # RKD takes no reduction
+    over = TrainConfig.from_recipe("aml", lr=1e-3, loss="triplet", margin=0.2)
+    assert (over.lr, over.margin, over.epochs) == (1e-3, 0.2, 100)
+    demo = TrainConfig.from_recipe("demo")
+    assert (demo.freeze, demo.lr, demo.batch_size) == ("trunk", 1e-5, 4)
+    assert TrainConfig.from_recipe(None) == TrainConfig()
+    for cfg in (aml, over, demo):
+        cfg.check()
+    with pytest.raises(EngineError, match="--recipe must be one of demo, aml, got 'paper'"):
+        TrainConfig(recipe="paper").check()
+    with pytest.raises(EngineError, match="loss rkd takes no reduction"):
+        TrainConfig(loss="rkd", reduction="sum").check()
+
+
+def test_the_aml_recipe_runs_with_overrides_and_is_recorded(tiny_train, teacher_store, start, tmp_path, run_cli):
+    """--recipe aml with its heavy values overridden: the checkpoint says which recipe and holds the preset values
+    not overridden; BatchNorm keeps its statistics while its affine weights learn (cirtorch's handling)."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(*train_args(tiny_train, teacher_store, out, "--recipe", "aml", "--init", start, "--epochs", 1,
+                                       "--lr", "1e-3", "--images-per-epoch", 5, "--weight-decay", 0))
+    assert code == 0, err
+    trained = load_checkpoint(out / "last.safetensors")
+    cfg = trained.config["train"]
+    assert cfg["recipe"] == "aml" and cfg == json.loads((out / "config.json").read_text())
+    assert (cfg["lr"], cfg["max_side"], cfg["batch_size"], cfg["epochs"]) == (1e-3, SIDE, 2, 1)  # given explicitly
+    assert (cfg["freeze"], cfg["reduction"], cfg["images_per_batch"], cfg["center"], cfg["lr_decay"]) == ("stats", "sum", 5, False, 0.01)
+    assert cfg["val_scales"] == [1.0, 1 / math.sqrt(2), 0.5]
+    before = load_checkpoint(start).state_dict()
+    after = trained.state_dict()
+    bn = [n for n, m in load_checkpoint(start).named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bn
+    assert all(torch.equal(after[f"{n}.running_mean"], before[f"{n}.running_mean"]) for n in bn)
+    assert any(not torch.equal(after[f"{n}.weight"], before[f"{n}.weight"]) for n in bn)
+
+
+def test_the_demo_recipe_freezes_the_trunk(tiny_train, teacher_store, start, tmp_path, run_cli):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*train_args(tiny_train, teacher_store, out, "--recipe", "demo", "--init", start, "--epochs", 1))
+    assert code == 0, err
+    trained = load_checkpoint(out / "last.safetensors")
+    assert {k: trained.config["train"][k] for k in ("recipe", "freeze", "lr", "batch_size")} == {
+        "recipe": "demo", "freeze": "trunk", "lr": 1e-5, "batch_size": 2}  # --batch-size 2 given explicitly
+    before = load_checkpoint(start).state_dict()
+    assert all(torch.equal(w, before[n]) for n, w in trained.state_dict().items() if n.startswith("trunk."))
+
+
+# ---------------------------------------------------------------- early stopping
+def test_early_stopping_keeps_the_best_and_resumes_with_more_patience(tiny_train, teacher_store, start, tmp_path,
+                                                                      monkeypatch):
+    seen = scripted_validation(monkeypatch, [(50.0, 0.0), (40.0, 0.0), (45.0, 0.0), (70.0, 0.0), (10.0, 0.0)])
+    out = tmp_path / "run"
+    metrics = trainer_for(tiny_train, teacher_store, start, out, val=object(), epochs=5, patience=2).fit()
+    assert len(seen) == 3 and metrics["stopped_early"]  # epochs 2 and 3 brought nothing better than epoch 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert load_checkpoint(out / "best.safetensors").config["epoch"] == 1
+    again = trainer_for(tiny_train, teacher_store, start, out, val=object(), epochs=5, patience=2)
+    assert again.fit()["stopped_early"] and len(seen) == 3  # a stopped run stays stopped
+    more = trainer_for(tiny_train, teacher_store, start, out, val=object(), epochs=5, patience=3)
+    metrics = more.fit()  # patience is a resumable change: epoch 4 is better, epoch 5 is not
+    assert len(seen) == 5 and "stopped_early" not in metrics
+    assert load_checkpoint(out / "best.safetensors").config["epoch"] == 4
+
+
+# ---------------------------------------------------------------- validation on held-out scenes, end to end
+@pytest.fixture(scope="module")
+def views_bench(tmp_path_factory):
+    """The views benchmark over 8 packaged photographs, small: 3 training, 1 validation and 4 test scenes."""
+    from PIL import Image
+    from skimage import data
+
+    from engine.datasets.views import build_views
+
+    root = tmp_path_factory.mktemp("views")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
+    info = build_views(root / "bench", photos=sorted(photos.iterdir()), size=96, n_gallery=3, n_queries=1, n_train=3,
+                       train_fraction=0.5, opencv_doc=None)
+    return root / "bench", info
+
+
+@pytest.mark.parametrize("n", [4, 5, 8, 40])
+def test_validation_scenes_come_from_the_training_side(n):
+    from engine.datasets.views import split_scenes
+
+    photos = [Path(f"p{i}.jpg") for i in range(n)]
+    before = split_scenes(photos, 0, 0.4, {photos[0]}, val_fraction=0.0)
+    after = split_scenes(photos, 0, 0.4, {photos[0]}, val_fraction=0.2)
+    assert [s == "test" for s in after] == [s == "test" for s in before]  # the test scenes do not move
+    assert all(b == "train" for a, b in zip(after, before) if a == "val")
+    assert after.count("val") == (0 if before.count("train") < 3 else max(1, round(0.2 * before.count("train"))))
+    assert after.count("train") >= 2 or after.count("val") == 0  # mining keeps another cluster
+
+
+def test_validation_on_held_out_scenes_end_to_end(views_bench, tmp_path, run_cli):
+    from engine.datasets.revisited import load_gnd
+    from engine.datasets.sfm import load_training_set
+
+    bench, info = views_bench
+    assert info["val_split"] == "scenes" and info["counts"]["scenes"] == {"train": 3, "val": 1, "test": 4}
+    scene = lambda name: name.split("_")[1]  # noqa: E731  (views are named SPLIT_NN_photo_...)
+    db = bench / "train" / "db.pkl"
+    train_scenes = {scene(c) for c in load_training_set(db).cids}
+    val = load_gnd(bench / "val" / "gnd.pkl")
+    test = load_gnd(bench / "test" / "gnd.pkl")
+    val_scenes = {scene(n) for n in val["imlist"] + val["qimlist"]}
+    assert len(val_scenes) == 1 and not val_scenes & train_scenes
+    assert not {scene(n) for n in test["imlist"]} & (train_scenes | val_scenes)
+    for args in (("--train-set", db, "--out", tmp_path / "train.store"),
+                 ("--gnd", bench / "val" / "gnd.pkl", "--out", tmp_path / "val.store")):
+        code, _, err = run_cli("encode", "--model", "effnet-lite2-gem", *args, "--max-side", SIDE, "--workers", 0)
+        assert code == 0, err
+    out = tmp_path / "run"
+    code, stdout, err = run_cli("train", "--out", out, "--teacher-store", tmp_path / "train.store", "--train-set", db,
+                                "--recipe", "demo", "--lr", "1e-3", "--epochs", 4, "--patience", 1, "--max-side", SIDE,
+                                "--workers", 0, "--val-gnd", bench / "val" / "gnd.pkl", "--val-store", tmp_path / "val.store")
+    assert code == 0, err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    scores = [r["val_asym_mAP"] for r in log]
+    assert all(0 <= s <= 100 for s in scores)
+    best = load_checkpoint(out / "best.safetensors")
+    assert best.config["metrics"]["val_asym_mAP"] == max(scores)
+    assert best.config["epoch"] == 1 + scores.index(max(scores))
+    # patience 1: training ran until the first validation that did not improve, or to the end
+    stalled = [i for i in range(1, len(scores)) if scores[i] <= max(scores[:i])]
+    assert len(log) == (stalled[0] + 1 if stalled else 4)
+    assert json.loads(stdout.strip().splitlines()[-1]).get("stopped_early", False) == bool(stalled)
+
+
+# ---------------------------------------------------------------- label-free gallery adaptation
+def regression_objective(student, items, targets) -> float:
+    from engine.encode import EncodeOptions, encode_to_array
+
+    vecs, _, _ = encode_to_array(student, items, EncodeOptions(max_side=SIDE, workers=0, progress=False, backend="torch"))
+    return float(0.5 * ((vecs - targets) ** 2).sum(axis=1).mean())
+
+
+def test_gallery_adaptation_runs_resumes_and_lowers_its_objective(tiny_bench, start, tmp_path, run_cli):
+    from engine.datasets import revisited
+    from engine.store import open_store
+
+    gallery = tmp_path / "gallery.store"
+    code, _, err = run_cli("encode", "--model", "effnet-lite2-gem", "--gnd", tiny_bench / "gnd.pkl", "--out", gallery,
+                           "--max-side", SIDE, "--workers", 0)
+    assert code == 0, err
+    out = tmp_path / "adapt"
+    args = ("train", "--adapt-gallery", gallery, "--images", tiny_bench / "jpg", "--init", start, "--out", out,
+            "--recipe", "demo", "--lr", "1e-3", "--no-center", "--max-side", SIDE, "--workers", 0)
+    code, _, err = run_cli(*args, "--epochs", 2)
+    assert code == 0, err
+    code, _, err = run_cli(*args, "--epochs", 4)
+    assert code == 0, err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]  # resumed, not restarted
+    assert log[-1]["loss"] < log[0]["loss"]
+    adapted = load_checkpoint(out / "last.safetensors")
+    assert adapted.config["train"]["gallery"] == str(gallery.resolve()) or adapted.config["train"]["gallery"] == str(gallery)
+    cfg = revisited.load_gnd(tiny_bench / "gnd.pkl")
+    items = revisited.gallery_items(cfg, tiny_bench / "jpg")
+    targets = open_store(gallery).vectors()
+    assert regression_objective(adapted, items, targets) < 0.9 * regression_objective(load_checkpoint(start), items, targets)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--loss", "contrastive"), "contrastive needs labelled tuples, a gallery has none"),
+    (("--images", "elsewhere"), "is not a folder"),
+])
+def test_gallery_adaptation_refusals_are_one_line(tiny_bench, tmp_path, run_cli, extra, message):
+    gallery = tmp_path / "gallery.store"
+    code, _, err = run_cli("encode", "--model", "effnet-lite2-gem", "--gnd", tiny_bench / "gnd.pkl", "--out", gallery,
+                           "--max-side", SIDE, "--workers", 0)
+    assert code == 0, err
+    extra = tuple(tmp_path / v if v == "elsewhere" else v for v in extra)
+    images = () if "--images" in extra else ("--images", tiny_bench / "jpg")
+    code, _, err = run_cli("train", "--adapt-gallery", gallery, *images, "--out", tmp_path / "adapt", "--workers", 0, *extra)
+    assert code == EXIT_INPUT and len(err.strip().splitlines()) == 1 and message in err
+
+
+@pytest.mark.slow
+def test_demo_adapt_adds_the_transductive_rows(tmp_path, run_cli):
+    from PIL import Image
+    from skimage import data
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photos, "--json", "--adapt", "--epochs", 1)
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert set(metrics) == {"teacher_sym", "student_sym", "student_asym", "student_adapted_asym", "student_adapted_sym"}
+    assert all(0 <= metrics[k]["medium"]["mAP"] <= 100 for k in metrics)
+    adapted = load_checkpoint(tmp_path / "demo" / "adapt-untrained" / "last.safetensors")
+    assert adapted.config["train"]["gallery"].endswith("teacher.store") and adapted.config["epoch"] == 1

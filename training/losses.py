@@ -48,6 +48,7 @@ __all__ = [
     "contrastive_plus",
     "csd",
     "darkrank",
+    "loss_options",
     "make_loss",
     "multi_similarity",
     "regression",
@@ -152,11 +153,12 @@ def contrastive_plus(anchors: torch.Tensor, refs: torch.Tensor, anchor_teacher: 
     return _reduce(_pml_contrastive(anchors, ref_emb, pairs, margin), B, reduction)
 
 
-def triplet(anchors: torch.Tensor, refs: torch.Tensor, margin: float = 0.1,
+def triplet(anchors: torch.Tensor, refs: torch.Tensor, margin: float = 0.7,
             reduction: str = "sum") -> torch.Tensor:
     """Triplet loss over tuples: sum_i sum_k max(0, ||a_i - p_i||^2 - ||a_i - n_ik||^2 + margin).
 
-    anchors: B x D; refs: B x (1+K) x D (K >= 1). margin 0.1 as in the AML code.
+    anchors: B x D; refs: B x (1+K) x D (K >= 1). margin 0.7: the AML runs' --loss-margin, on the same
+    squared distances (pytorch-metric-learning's own default, 0.1, is for unsquared ones).
     Returns a 0-dim tensor (reduction as in `contrastive`).
     """
     B, R, D = _check_tuples(anchors, refs)
@@ -194,13 +196,15 @@ def _check_same_images(name: str, student: torch.Tensor, teacher: torch.Tensor, 
                           f"{tuple(teacher.shape)} must be rows of the same images ({want})")
 
 
-def regression(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Absolute knowledge transfer: mean over the N images of 1/2 ||s(x) - t(x)||^2.
+def regression(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Absolute knowledge transfer: 1/2 ||s(x) - t(x)||^2 over the N images, averaged ("mean") or
+    summed ("sum", as the AML code does: one backward per image of its 5-image batches).
 
     student, teacher: N x D. Returns a 0-dim tensor.
     """
     _check_same_images("regression", student, teacher, same_dim=True)
-    return 0.5 * (student - teacher.detach()).pow(2).sum(dim=1).mean()
+    per_image = 0.5 * (student - teacher.detach()).pow(2).sum(dim=1)
+    return _reduce(per_image.sum(), len(per_image), reduction)
 
 
 def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
@@ -360,7 +364,7 @@ class ContrastivePlus(_MarginTupleLoss):
 class Triplet(_MarginTupleLoss):
     name = "triplet"
 
-    def __init__(self, margin: float = 0.1, reduction: str = "sum"):
+    def __init__(self, margin: float = 0.7, reduction: str = "sum"):
         super().__init__(margin, reduction)
 
     def tuples(self, anchors, anchor_teacher, refs):
@@ -381,8 +385,12 @@ class MultiSimilarity(_TupleLoss):
 class Regression(Loss):
     name = "regression"
 
+    def __init__(self, reduction: str = "mean"):
+        require_choice("reduction", reduction, ("sum", "mean"))
+        self.reduction = reduction
+
     def __call__(self, student, teacher, refs=None, neighbours=None):
-        return regression(student, teacher)
+        return regression(student, teacher, self.reduction)
 
 
 class Rkd(Loss):
@@ -423,14 +431,20 @@ LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (
     Regression, Contrastive, ContrastivePlus, Triplet, MultiSimilarity, Rkd, DarkRank, Csd)}
 
 
-def make_loss(name: str, **options) -> Loss:
-    """The loss registered as `name`, built with `options` (an option given as None keeps the loss's
-    default). An unknown name, an option the loss does not take, or a bad value is an EngineError."""
+def loss_options(name: str) -> set[str]:
+    """The option names the loss registered as `name` takes (an unknown name: an EngineError)."""
     cls = LOSSES.get(name)
     if cls is None:
         raise EngineError(f"unknown loss {name!r}: expected one of {', '.join(LOSSES)}")
+    return set(inspect.signature(cls).parameters)
+
+
+def make_loss(name: str, **options) -> Loss:
+    """The loss registered as `name`, built with `options` (an option given as None keeps the loss's
+    default). An unknown name, an option the loss does not take, or a bad value is an EngineError."""
+    takes = loss_options(name)
+    cls = LOSSES[name]
     given = {k: v for k, v in options.items() if v is not None}
-    takes = set(inspect.signature(cls).parameters)
     foreign = sorted(set(given) - takes)
     if foreign:
         have = ", ".join(sorted(takes)) or "none"

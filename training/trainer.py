@@ -4,8 +4,9 @@ Per epoch, as the loss declares (`training.losses.Loss`; the trainer never looks
 that does not need tuples (regression, RKD, DarkRank, CSD) gets batches of random images; a tuple loss
 (contrastive, contrastive+, triplet, multi-similarity) gets (query, positive) pairs with hard negatives
 mined from a pool (student queries against teacher pool vectors in asymmetric mode). Adam with the GeM p group at 10x lr and no weight decay,
-exponential lr decay, BatchNorm frozen. Validation each epoch (asymmetric and symmetric mAP),
-best-model selection, checkpoints after each epoch and resume. Under torchrun every process
+exponential lr decay, BatchNorm statistics frozen (its affine weights too, unless freeze="stats"). Validation
+each epoch (asymmetric and symmetric mAP) on held-out scenes, best-model selection, early stopping (patience),
+checkpoints after each epoch and resume. `TrainConfig.from_recipe` starts from a named preset (training.recipes). Under torchrun every process
 takes its share of each batch and the gradients are averaged with torch.distributed's all-reduce.
 """
 from __future__ import annotations
@@ -30,12 +31,14 @@ from engine.models import (TEACHERS, Encoder, build_student, build_teacher, load
 from kernels import l2n
 
 from .data import TrainData, batch_loader, forward_images
-from .losses import Loss, make_loss
+from .losses import LOSSES, Loss, loss_options, make_loss
 from .mining import mine_hard_negatives, nearest_neighbours, random_negatives
 from .options import is_count, is_finite, require, require_choice
+from .recipes import RECIPES, recipe_values
 from .validate import ValSet, validate
 
-RESUMABLE_CHANGES = {"epochs", "workers", "val_every"}  # a resumed run may be extended, given other decoding workers or validated less often
+# a resumed run may be extended, given other decoding workers, validated less often or given more patience
+RESUMABLE_CHANGES = {"epochs", "workers", "val_every", "patience"}
 RUN_FILES = ("config.json", "last.safetensors", "best.safetensors", "log.jsonl", "last.state.pt")
 MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up to this size
 
@@ -44,17 +47,20 @@ MAP_CACHE_BYTES = 4 << 30  # frozen-trunk feature maps are cached in memory up t
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
 
+    recipe: str | None = None  # the preset these values started from (training.recipes; explicit options override it)
     student: str = "mobilenetv2"  # a student architecture, or a teacher name to fine-tune it (--mode sym)
     weights: str | None = None  # backbone weights (None: packaged ImageNet weights)
     loss: str = "regression"
     mode: str = "asym"  # asym: refs are teacher vectors; sym: refs come from the student
     margin: float | None = None  # tuple-loss margin (None: the loss's default)
+    reduction: str | None = None  # sum | mean over a batch (None: the loss's default; regression averages)
     epochs: int = 10
     lr: float = 1e-4
     lr_decay: float = 0.01  # lr *= exp(-lr_decay) each epoch
     weight_decay: float = 1e-6
     p_lr_mult: float = 10.0
     batch_size: int = 5  # tuples (tuple losses) or images x 4 (knowledge-transfer losses)
+    images_per_batch: int | None = None  # knowledge-transfer losses' batch (None: 4 x batch_size)
     images_per_epoch: int = 20000
     query_size: int = 2000
     pool_size: int = 20000
@@ -66,8 +72,13 @@ class TrainConfig:
     seed: int = 0
     select: str = "auto"  # validation metric for best-model choice: asym | sym | auto (the mode's)
     val_every: int = 1  # validate (and choose the best model) every this many epochs, and after the last
-    freeze: str = "bn"  # bn: BatchNorm statistics frozen; trunk: the whole backbone frozen (the head learns)
+    val_scales: tuple[float, ...] = (1.0,)  # validation's multi-scale factors (METHOD.md's protocol: 1, 1/sqrt(2), 1/2)
+    patience: int | None = None  # stop after this many validations without a better score (None: never)
+    # bn: BatchNorm statistics and affine weights frozen; stats: statistics frozen, affine weights learned
+    # (cirtorch / AML); trunk: the whole backbone frozen (the head learns)
+    freeze: str = "bn"
     center: bool = True  # targets: teacher vectors minus their training mean, re-normalised (see Trainer)
+    gallery: str | None = None  # gallery adaptation (training.adapt): the store fitted, transductively
 
     def check(self) -> None:
         """Refuse values that cannot train (NaN, infinite, out of range, unknown), one EngineError each."""
@@ -76,6 +87,14 @@ class TrainConfig:
             require(name, getattr(self, name), is_count(getattr(self, name)), "an integer >= 1")
         for name in ("workers", "seed"):
             require(name, getattr(self, name), is_count(getattr(self, name), least=0), "an integer >= 0")
+        for name in ("images_per_batch", "patience"):
+            value = getattr(self, name)
+            require(name, value, value is None or is_count(value), "an integer >= 1")
+        if self.recipe is not None:
+            require_choice("recipe", self.recipe, RECIPES)
+        scales = self.val_scales
+        require("val_scales", scales, isinstance(scales, (tuple, list)) and len(scales) > 0
+                and all(is_finite(s) and s > 0 for s in scales), "finite numbers > 0")
         require("lr", self.lr, is_finite(self.lr) and self.lr > 0, "a finite number > 0")
         require("p_lr_mult", self.p_lr_mult, is_finite(self.p_lr_mult) and self.p_lr_mult > 0, "a finite number > 0")
         require("lr_decay", self.lr_decay, is_finite(self.lr_decay) and self.lr_decay >= 0, "a finite number >= 0")
@@ -83,7 +102,7 @@ class TrainConfig:
                 "a finite number >= 0")
         require_choice("mode", self.mode, ("asym", "sym"))
         require_choice("negatives", self.negatives, ("hard", "random"))
-        require_choice("freeze", self.freeze, ("bn", "trunk"))
+        require_choice("freeze", self.freeze, ("bn", "stats", "trunk"))
         require_choice("select", self.select, ("auto", "asym", "sym"))
         loss = self.build_loss()
         if self.mode == "sym" and not loss.symmetric_form:
@@ -93,7 +112,21 @@ class TrainConfig:
 
     def build_loss(self) -> Loss:
         """The configured loss with its options (an unknown loss or an option it does not take is an EngineError)."""
-        return make_loss(self.loss, margin=self.margin, csd_k=self.csd_k)
+        return make_loss(self.loss, margin=self.margin, csd_k=self.csd_k, reduction=self.reduction)
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None, **given) -> TrainConfig:
+        """Recipe `recipe`'s values (None: the defaults above), overridden by every option in `given`.
+
+        A recipe's loss options (margin, reduction) apply only to a loss that takes them. The result records
+        the recipe's name; it is checked when used (`check`).
+        """
+        loss = given.get("loss", cls.loss)
+        takes = loss_options(loss) if loss in LOSSES else set()  # an unknown loss is check()'s to name
+        values = {**recipe_values(recipe, takes), **given, "recipe": recipe}
+        if "val_scales" in values:
+            values["val_scales"] = tuple(values["val_scales"])
+        return cls(**values)
 
 
 def _world() -> tuple[int, int]:
@@ -102,13 +135,24 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _freeze_batchnorm(model: torch.nn.Module) -> None:
-    """BatchNorm keeps its ImageNet statistics: a few tuples a batch would only add noise to them."""
+def _agree(flag: bool) -> bool:
+    """Rank 0's flag, in every process."""
+    if _world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _freeze_batchnorm(model: torch.nn.Module, affine: bool = True) -> None:
+    """BatchNorm keeps its ImageNet statistics: a few tuples a batch would only add noise to them.
+    affine: also freeze its scale and shift (False: they learn, as in cirtorch and the AML code)."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+            if affine:
+                for p in m.parameters():
+                    p.requires_grad_(False)
 
 
 def _optimizer(student: Encoder, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -163,6 +207,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=math.exp(-cfg.lr_decay))
         self.epoch = 0
         self.best = -1.0
+        self.stale = 0  # validations since the best one (early stopping)
         self._resume()
 
     # ------------------------------------------------------------ checkpoints and resume
@@ -185,7 +230,7 @@ class Trainer:
             saved = json.loads(config.read_text())
         except (OSError, ValueError) as e:
             raise EngineError(f"cannot read the run's configuration ({e}): choose another --out", config) from None
-        now = asdict(self.cfg)
+        now = json.loads(json.dumps(asdict(self.cfg)))  # as saved: tuples become lists
         diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if diff:
             raise EngineError(f"holds a run with another configuration ({', '.join(diff)}): choose another --out", self.out)
@@ -196,6 +241,7 @@ class Trainer:
             self.sched.load_state_dict(st["scheduler"])
             torch.set_rng_state(st["rng"])
             self.epoch, self.best, self.log = int(st["epoch"]), float(st["best"]), list(st["log"])
+            self.stale = int(st.get("stale", 0))
         except Exception as e:  # a damaged or foreign file: the user's to move away, not an engine bug
             raise EngineError(f"not a training state this engine can resume ({type(e).__name__}: {e})".splitlines()[0],
                               state) from None
@@ -214,7 +260,7 @@ class Trainer:
         write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.log))
         state = {"model": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                  "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state(), "epoch": self.epoch,
-                 "best": self.best, "log": self.log}
+                 "best": self.best, "stale": self.stale, "log": self.log}
         with written_by(self._state_path()) as tmp:
             torch.save(state, tmp)
 
@@ -226,7 +272,8 @@ class Trainer:
         if not self.loss.needs_tuples:
             n = min(cfg.images_per_epoch, len(d.paths))
             order = rng.permutation(len(d.paths))[:n]
-            size = max(self.loss.min_images, cfg.batch_size * 4)  # relational losses need several images at once
+            # relational losses need several images at once
+            size = max(self.loss.min_images, cfg.images_per_batch or cfg.batch_size * 4)
             batches = [order[i:i + size].tolist() for i in range(0, n, size)]
             return [b for b in batches if len(b) >= self.loss.min_images], {}
         if len(d.qidxs) == 0:
@@ -351,7 +398,7 @@ class Trainer:
         mine = [self._shard(b, plan) for b in batches]
         decode = [self._images_for(b, plan) for b in mine]
         self.student.train()
-        _freeze_batchnorm(self.student)
+        _freeze_batchnorm(self.student, affine=cfg.freeze != "stats")
         total, n_img, t0 = 0.0, 0, time.perf_counter()
         columns = (TextColumn(f"epoch {self.epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeElapsedColumn())
@@ -381,20 +428,35 @@ class Trainer:
             mean = float(t) / self.world
         return {"loss": mean, "images_per_s": n_img * self.world / (time.perf_counter() - t0)}
 
+    def stopped(self) -> bool:
+        """Early stopping: `patience` validations in a row brought no better score."""
+        return self.cfg.patience is not None and self.stale >= self.cfg.patience
+
     def fit(self) -> dict:
-        """Train the remaining epochs; returns the last epoch's metrics. Best model in best.safetensors."""
-        metrics: dict = {}
+        """Train the remaining epochs, or until `patience` validations bring no better score; returns the last
+        epoch's metrics ("stopped_early": True when patience ran out). Best model in best.safetensors."""
+        metrics: dict = dict(self.log[-1]) if self.log else {}
         key = self.cfg.select if self.cfg.select != "auto" else self.cfg.mode
-        while self.epoch < self.cfg.epochs:
+        while self.epoch < self.cfg.epochs and not self.stopped():
             metrics = self.train_epoch()
             self.epoch += 1
             due = self.epoch % self.cfg.val_every == 0 or self.epoch == self.cfg.epochs
-            if self.val is not None and self.rank == 0 and due:
-                metrics.update(validate(self.student, self.val, self.cfg.max_side, self.cfg.workers))
-                score = metrics[f"val_{key}_mAP"]
-                if score > self.best:
-                    self.best = score
-                    self._checkpoint(self.out / "best.safetensors", {"epoch": self.epoch, "metrics": metrics})
+            if self.val is not None and due:
+                # every process takes the same decision to stop: rank 0's, broadcast
+                improved = self._validate(metrics, key) if self.rank == 0 else False
+                self.stale = 0 if _agree(improved) else self.stale + 1
             self._save(metrics)
+        if self.stopped():
+            metrics["stopped_early"] = True
         return metrics
+
+    def _validate(self, metrics: dict, key: str) -> bool:
+        """Validate into `metrics`; keep best.safetensors when the score is the best so far; True if it is."""
+        metrics.update(validate(self.student, self.val, self.cfg.max_side, self.cfg.workers, scales=self.cfg.val_scales))
+        score = metrics[f"val_{key}_mAP"]
+        if score <= self.best:
+            return False
+        self.best = score
+        self._checkpoint(self.out / "best.safetensors", {"epoch": self.epoch, "metrics": metrics})
+        return True
 

@@ -34,15 +34,17 @@ def load_val_set(gnd_path: str | Path, teacher_store: str | Path, images_dir: st
     return ValSet(gnd, images, store.vectors())
 
 
-def validate(student: Encoder, val: ValSet, max_side: int, workers: int = 0) -> dict:
+def validate(student: Encoder, val: ValSet, max_side: int, workers: int = 0, scales: tuple[float, ...] = (1.0,)) -> dict:
     """{"val_asym_mAP", "val_sym_mAP", "val_asym_hard", "val_sym_hard"}: Medium (and Hard) mAP in percent.
+
+    scales: the student's multi-scale factors (the teacher gallery is as its store was encoded).
 
     The student is left as it was: a runner may convert the model it is given (eval mode, channels-last
     weights), which would change the numerics of the training that follows, so it encodes a copy.
     """
     frozen = copy.deepcopy(student).eval()
     # eager torch: an exported runner would be rebuilt for every epoch's new weights
-    opts = EncodeOptions(max_side=max_side, workers=workers, progress=False, backend="torch")
+    opts = EncodeOptions(max_side=max_side, workers=workers, progress=False, backend="torch", scales=tuple(scales))
     q, _, _ = encode_to_array(frozen, revisited.query_items(val.gnd, val.images_dir), opts)
     g, _, _ = encode_to_array(frozen, revisited.gallery_items(val.gnd, val.images_dir), opts)
     asym = evaluate_revisited(rank_by_similarity(q, val.teacher_gallery), val.gnd["gnd"])

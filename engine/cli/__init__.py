@@ -497,10 +497,18 @@ def data_views(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     out_dir: Path = typer.Option(..., "--out", help="Run folder: checkpoints (last, best), config.json, log.jsonl"),
-    teacher_store: Path = typer.Option(..., "--teacher-store", help="Teacher vectors of the training images (engine encode --train-set)"),
-    train_set: Path = typer.Option(..., "--train-set", help="SfM-120k-format db.pkl"),
-    images: Optional[Path] = typer.Option(None, "--images", help="The training images' ims/ or jpg/ folder (default: found beside db.pkl)"),
+    teacher_store: Optional[Path] = typer.Option(None, "--teacher-store", help="Teacher vectors of the training images (engine encode --train-set)"),
+    train_set: Optional[Path] = typer.Option(None, "--train-set", help="SfM-120k-format db.pkl"),
+    adapt_gallery: Optional[Path] = typer.Option(None, "--adapt-gallery",
+                                                 help="Instead of a training set: fit the student to this gallery store's own images (under --images) "
+                                                      "and teacher vectors, label-free; transductive, so report its results apart"),
+    images: Optional[Path] = typer.Option(None, "--images", help="The training images' ims/ or jpg/ folder (default: found beside db.pkl); "
+                                                                 "with --adapt-gallery, the folder the gallery was encoded from"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", **opt.fixed("demo", "aml"),
+                                         help="A preset of the options below (training.recipes; README's table): demo (fast, trunk frozen) "
+                                              "or aml (the paper's main experiment); options given explicitly override it"),
     student: str = typer.Option("mobilenetv2", "--student", **opt.STUDENT_OR_TEACHER,
                                 help="Student architecture, or a teacher name to fine-tune it (--mode sym); `engine models` lists them"),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint instead of an untrained student"),
@@ -508,11 +516,15 @@ def train(
     loss: str = typer.Option("regression", "--loss", **opt.LOSS, help="Training loss, one of training.losses.LOSSES (a wrong name lists them)"),
     mode: str = typer.Option("asym", "--mode", **opt.fixed("asym", "sym"), help="asym (refs from the teacher) or sym (all from the student)"),
     margin: Optional[float] = typer.Option(None, "--margin", callback=opt.number(0), help="Tuple-loss margin, >= 0 (default: the loss's own)"),
+    reduction: Optional[str] = typer.Option(None, "--reduction", **opt.fixed("sum", "mean"),
+                                            help="The loss over a batch: sum or mean (default: the loss's own; regression averages)"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs"),
     lr: float = typer.Option(1e-4, "--lr", callback=opt.number(0, open_min=True), help="Learning rate, > 0"),
     lr_decay: float = typer.Option(0.01, "--lr-decay", callback=opt.number(0), help="lr *= exp(-decay) per epoch; >= 0"),
     weight_decay: float = typer.Option(1e-6, "--weight-decay", callback=opt.number(0), help="Adam weight decay, >= 0"),
     batch_size: int = typer.Option(5, "--batch-size", min=1, help="Tuples per batch (x4 images for knowledge-transfer losses)"),
+    images_per_batch: Optional[int] = typer.Option(None, "--images-per-batch", min=1,
+                                                   help="Images per batch of a knowledge-transfer loss (default: 4 x --batch-size)"),
     images_per_epoch: int = typer.Option(20000, "--images-per-epoch", min=1, help="Training images drawn per epoch"),
     query_size: int = typer.Option(2000, "--query-size", min=1, help="Queries mined for hard negatives per epoch"),
     pool_size: int = typer.Option(20000, "--pool-size", min=1, help="Negative pool per epoch"),
@@ -521,25 +533,51 @@ def train(
     max_side: int = typer.Option(MAX_SIDE, "--max-side", min=MIN_SIDE, help=MAX_SIDE_HELP),
     workers: int = typer.Option(AUTO_WORKERS, "--workers", min=-1, help=WORKERS_HELP),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed"),
-    freeze: str = typer.Option("bn", "--freeze", **opt.fixed("bn", "trunk"),
-                               help="bn (BatchNorm statistics frozen) or trunk (only the head learns)"),
+    freeze: str = typer.Option("bn", "--freeze", **opt.fixed("bn", "stats", "trunk"),
+                               help="bn (BatchNorm statistics and weights frozen), stats (statistics frozen, weights learned: "
+                                    "cirtorch's) or trunk (only the head learns)"),
     center: bool = typer.Option(True, "--center/--no-center", help="Targets: teacher vectors minus their training mean"),
     val_every: int = typer.Option(1, "--val-every", min=1, help="Validate every N epochs (and after the last)"),
-    val_gnd: Optional[Path] = typer.Option(None, "--val-gnd", help="Validation ground truth (revisited format; needs --val-store)"),
+    select: str = typer.Option("auto", "--select", **opt.fixed("auto", "asym", "sym"),
+                               help="The validation mAP that chooses the best model: asym, sym or auto (the --mode's)"),
+    val_scales: str = typer.Option("1", "--val-scales", callback=parse_scales,
+                                   help="Validation's multi-scale factors for the student, e.g. 1,0.7071,0.5"),
+    patience: Optional[int] = typer.Option(None, "--patience", min=1,
+                                           help="Stop after this many validations without a better score (default: never)"),
+    val_gnd: Optional[Path] = typer.Option(None, "--val-gnd", help="Validation ground truth (revisited format; needs --val-store): "
+                                                                  "held-out scenes, never views of the training scenes"),
     val_store: Optional[Path] = typer.Option(None, "--val-store", help="Teacher store of the validation gallery (needs --val-gnd)"),
 ):
-    """Train a student into the teacher's space (asym) or its own (sym); resumes an interrupted run in --out."""
+    """Train a student into the teacher's space (asym) or its own (sym); resumes an interrupted run in --out.
+
+    With --recipe, the recipe's values replace the defaults of the options not given on the command line.
+    With --adapt-gallery STORE, the data are the gallery's own images and teacher vectors (no labels, no
+    validation): transductive, so its results are never paper-protocol numbers.
+    """
     if (val_gnd is None) != (val_store is None):
         raise typer.BadParameter("--val-gnd and --val-store go together: give both or neither")
+    if adapt_gallery is not None and (train_set or teacher_store or val_gnd):
+        raise typer.BadParameter("--adapt-gallery is the data: it takes no --train-set, --teacher-store or --val-gnd")
+    if adapt_gallery is None and (train_set is None or teacher_store is None):
+        raise typer.BadParameter("give --train-set and --teacher-store (or --adapt-gallery STORE)")
     opt.output_folder(out_dir)
-    from training.run import run_training
     from training.trainer import TrainConfig
 
-    cfg = TrainConfig(student=student, weights=weights, loss=loss, mode=mode, margin=margin, epochs=epochs, lr=lr,
-                      lr_decay=lr_decay, weight_decay=weight_decay, batch_size=batch_size, images_per_epoch=images_per_epoch,
-                      query_size=query_size, pool_size=pool_size, neg_num=neg_num, negatives=negatives, max_side=max_side,
-                      workers=_workers(workers), seed=seed, freeze=freeze, val_every=val_every, center=center)
-    metrics = run_training(cfg, out_dir, teacher_store, train_set, images, val_gnd, val_store, init)
+    # typer carries its own copy of click's ParameterSource: compare by name
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    fields = {"student", "weights", "loss", "mode", "margin", "reduction", "epochs", "lr", "lr_decay", "weight_decay",
+              "batch_size", "images_per_batch", "images_per_epoch", "query_size", "pool_size", "neg_num", "negatives",
+              "max_side", "seed", "freeze", "val_every", "select", "val_scales", "patience", "center"}
+    cfg = TrainConfig.from_recipe(recipe, workers=_workers(workers), **{k: v for k, v in given.items() if k in fields})
+    if adapt_gallery is not None:
+        from training.adapt import adapt_to_gallery
+
+        metrics = adapt_to_gallery(cfg, adapt_gallery, out_dir, images_root=images, init=init)
+    else:
+        from training.run import run_training
+
+        metrics = run_training(cfg, out_dir, teacher_store, train_set, images, val_gnd, val_store, init)
     print(json.dumps(metrics))
 
 
@@ -644,12 +682,15 @@ def demo(
     train: Optional[str] = typer.Option(None, "--train", **opt.LOSS, help="Also train the student with this loss (one of training.losses.LOSSES) and score it"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs with --train"),
     scales: str = typer.Option("1", "--scales", callback=parse_scales, help="Test-time multi-scale factors, e.g. 1,0.707,0.5 (METHOD.md's protocol)"),
+    adapt: bool = typer.Option(False, "--adapt", help="Also fit the student to the test gallery's own images, label-free "
+                                                     "(transductive: rows student_adapted_*, apart from the protocol's)"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
     opt.output_folder(out_dir)
     from .demo import run_demo
 
-    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales)
+    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales,
+                       adapt=adapt)
     if as_json:
         print(json.dumps(results["metrics"]))
     else:

@@ -9,7 +9,9 @@ and test scenes that never share a photograph.
 
 Written under `out/` (names without extension, images as `jpg/<name>.jpg`):
   test/gnd.pkl    revisited-Oxford ground truth over the test scenes;
-  val/gnd.pkl     the same over the training scenes with fresh views (model selection);
+  val/gnd.pkl     the same over validation scenes (model selection): a share of the training side's
+                  photographs held out from training; with fewer than 3 such photographs (or
+                  val_fraction 0), fresh views of the training scenes instead (info.json: "val_split");
   train/db.pkl    SfM-120k format {'train'|'val': {'cids', 'cluster', 'qidxs', 'pidxs'}} over the
                   training scenes ('val' = the val/gnd.pkl images), pairs = views that truly match;
   pairs/gnd.pkl   opencv-doc's real two-view pairs (when installed): first views query the second views;
@@ -275,17 +277,23 @@ def matching_pairs(views: list[View], source_size, rule: geo.LabelRule) -> list[
     return pairs
 
 
-def split_scenes(photos: list[Path], seed: int, train_fraction: float, pinned_test: set[Path]) -> list[str]:
-    """'train' or 'test' per photo: a seeded shuffle of the unpinned photos, the first `train_fraction` of all to train.
+def split_scenes(photos: list[Path], seed: int, train_fraction: float, pinned_test: set[Path],
+                 val_fraction: float = 0.0) -> list[str]:
+    """'train', 'val' or 'test' per photo: a seeded shuffle of the unpinned photos, the first `train_fraction` of all
+    to the training side, of which the last `val_fraction` (rounded) become validation scenes.
 
     Pinned photos (first views of the real pairs) are always test scenes, so the pairs benchmark stays unseen.
-    At least one scene goes to each side when there are two or more free photos.
+    At least one scene goes to each side when there are two or more free photos. Validation scenes are taken
+    from the training side, so the test scenes do not depend on val_fraction; only when at least two training
+    scenes remain (mining needs another cluster), else there are none.
     """
     free = [i for i, p in enumerate(photos) if p not in pinned_test]
     order = np.random.default_rng([seed, 0]).permutation(len(free))
     n_train = min(max(1, round(train_fraction * len(photos))), len(free) - 1)
-    train = {free[k] for k in order[:n_train]}
-    return ["train" if i in train else "test" for i in range(len(photos))]
+    n_val = max(0, min(max(1, round(val_fraction * n_train)), n_train - 2)) if val_fraction > 0 else 0
+    train = {free[k] for k in order[:n_train - n_val]}
+    val = {free[k] for k in order[n_train - n_val:n_train]}
+    return ["train" if i in train else "val" if i in val else "test" for i in range(len(photos))]
 
 
 def _rng(seed: int, split: str, scene: int) -> np.random.Generator:
@@ -371,7 +379,7 @@ def _is_int(value) -> bool:
 
 
 def check_arguments(difficulty: str, seed: int, size: int, n_gallery: int, n_queries: int, n_train: int,
-                    train_fraction: float) -> None:
+                    train_fraction: float, val_fraction: float = 0.0) -> None:
     """Refuse, with one EngineError per problem, values build_views cannot honour (its parameters, same names)."""
     if difficulty not in DIFFICULTIES:
         raise EngineError(f"unknown difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
@@ -386,6 +394,9 @@ def check_arguments(difficulty: str, seed: int, size: int, n_gallery: int, n_que
     if not isinstance(train_fraction, numbers.Real) or not 0 < train_fraction < 1:  # NaN fails both comparisons
         raise EngineError(f"train_fraction (the share of photographs that become training scenes) must be "
                           f"between 0 and 1, exclusive, got {train_fraction!r}")
+    if not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
+        raise EngineError(f"val_fraction (the share of training photographs held out as validation scenes) must be "
+                          f"in [0, 1), got {val_fraction!r}")
 
 
 def build_views(
@@ -398,6 +409,7 @@ def build_views(
     n_queries: int = 3,
     n_train: int = 24,
     train_fraction: float = 0.4,
+    val_fraction: float = 0.2,
     rule: geo.LabelRule = geo.DEFAULT_RULE,
     opencv_doc: Path | None = OPENCV_DOC_DATA,
 ) -> dict:
@@ -407,11 +419,12 @@ def build_views(
     size: longer side of every image in pixels; per test scene n_gallery gallery views and n_queries
     queries (the same for val over the training scenes); n_train views per training scene for
     train/db.pkl (at least 2); train_fraction: the share of photographs that become training scenes, in
-    (0, 1); seed: a non-negative integer; opencv_doc: opencv-doc's data folder (None: neither its photos nor
+    (0, 1); val_fraction: the share of those held out as validation scenes, in [0, 1) (`split_scenes`);
+    seed: a non-negative integer; opencv_doc: opencv-doc's data folder (None: neither its photos nor
     the pairs). Out-of-range values are refused (`check_arguments`) before anything is written.
     The info dict (also out/info.json) holds seed, difficulty, size, photos with their split, counts.
     """
-    check_arguments(difficulty, seed, size, n_gallery, n_queries, n_train, train_fraction)
+    check_arguments(difficulty, seed, size, n_gallery, n_queries, n_train, train_fraction, val_fraction)
     photos = [Path(p) for p in (default_photos(opencv_doc) if photos is None else photos)]
     if len(photos) < MIN_PHOTOS:
         raise EngineError(f"{len(photos)} photographs given, a benchmark needs at least {MIN_PHOTOS}")
@@ -422,7 +435,8 @@ def build_views(
     jpg_dir.mkdir(parents=True, exist_ok=True)
     data_dir = opencv_doc if opencv_doc is not None and opencv_doc.is_dir() else None
     pinned = {first for _, first, _, _, _ in real_pairs(data_dir)} if data_dir else set()
-    split = split_scenes(photos, seed, train_fraction, pinned)
+    split = split_scenes(photos, seed, train_fraction, pinned, val_fraction)
+    val_scenes = "val" in split  # else the old protocol: fresh views of the training scenes
 
     test, val, train, train_val = [], [], [], []
     for s, (path, source) in enumerate(zip(photos, sources)):
@@ -431,15 +445,18 @@ def build_views(
         if split[s] == "test":
             test.append(_gnd_set(_rng(seed, "test", s), source, f"test_{prefix}", n_gallery, n_queries, d, size, rule, jpg_dir))
             continue
-        gallery, queries = _gnd_set(_rng(seed, "val", s), source, f"val_{prefix}", n_gallery, n_queries, d, size, rule, jpg_dir)
-        val.append((gallery, queries))
+        if split[s] == "val" or not val_scenes:
+            gallery, queries = _gnd_set(_rng(seed, "val", s), source, f"val_{prefix}", n_gallery, n_queries, d, size, rule, jpg_dir)
+            val.append((gallery, queries))
+            val_views = gallery + [q for q, _ in queries]
+            train_val.append(([v.name for v in val_views], matching_pairs(val_views, src, rule)))
+        if split[s] == "val":
+            continue
         g = _rng(seed, "train", s)
         views = scene_views(g, source, f"train_{prefix}", n_train, d, size, "v", occlude=True)
         for v in views:
             render(g, source, v, d, jpg_dir)
         train.append(([v.name for v in views], matching_pairs(views, src, rule)))
-        val_views = gallery + [q for q, _ in queries]
-        train_val.append(([v.name for v in val_views], matching_pairs(val_views, src, rule)))
 
     test_gnd, val_gnd = _gnd(test), _gnd(val)
     db = {"train": _db(train), "val": _db(train_val)}
@@ -456,9 +473,10 @@ def build_views(
         "difficulty_ranges": asdict(d),
         "label_rule": asdict(rule),
         "size": size,
+        "val_split": "scenes" if val_scenes else "views",
         "photos": [{"path": str(p), "scene": s, "split": split[s]} for s, p in enumerate(photos)],
         "counts": {
-            "scenes": {"train": split.count("train"), "test": split.count("test")},
+            "scenes": {"train": split.count("train"), "val": split.count("val"), "test": split.count("test")},
             "test": {"gallery": len(test_gnd["imlist"]), "queries": len(test_gnd["qimlist"])},
             "val": {"gallery": len(val_gnd["imlist"]), "queries": len(val_gnd["qimlist"])},
             "train": {"images": len(db["train"]["cids"]), "pairs": len(db["train"]["qidxs"])},
