@@ -124,11 +124,11 @@ def test_students_without_packaged_weights_need_an_explicit_choice():
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        want = head_float64(s.trunk((x - mean) / std), 3.0, s.head.whiten.weight, s.head.whiten.bias)
+        want = head_float64(s.trunk((x - mean) / std), 3.0, s.head.project.weight, s.head.project.bias)
         np.testing.assert_allclose(s(x).numpy(), want, atol=1e-6, rtol=0)
     # The head's map is the documented seeded draw: N(0, 1) / sqrt(C), C = 512 pooled channels.
     W = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) / 512**0.5
-    torch.testing.assert_close(s.head.whiten.weight, W, rtol=0, atol=0)
+    torch.testing.assert_close(s.head.project.weight, W, rtol=0, atol=0)
 
 
 def test_unknown_names_and_bad_checkpoints(tmp_path):
