@@ -47,9 +47,9 @@ def describe(encoder: Encoder, images: torch.Tensor, scales: Sequence[float] = (
     p = `scale_power(encoder)`, then the encoder's whitening (if any): L2(W v + b).
     runner: what runs `scale_network(encoder, scales)` (engine.backends.make_runner); None: that network itself.
     """
-    run = scale_network(encoder, scales) if runner is None else runner
     if single_pass(scales):
-        return run(images)
+        return (encoder if runner is None else runner)(images)
+    run = (lambda x: encoder.head.pooled(encoder.trunk_maps(x))) if runner is None else runner  # = scale_network
     p = scale_power(encoder)
     acc = None
     for s in scales:
