@@ -2,8 +2,11 @@
 
 A cirtorch checkpoint is `{'state_dict': {'features.*', 'pool.p', ['whiten.*']}, 'meta': {'architecture',
 'pooling', 'whitening', 'outputdim', 'mean', 'std', 'Lw': {'retrieval-SfM-120k': {'ss'|'ms': {'m', 'P'}}}}}`.
-The head is GeM with the file's learned p, then its learned whitening: the network's own `whiten` layer when
-it has one, else `meta['Lw']` (x -> P (x - m)), single-scale by default.
+The head is GeM with the file's learned p, then the network's own trained `whiten` layer when it has one
+(the "-w" networks: a layer inside the network, run at every scale, so it sits in the head's projection
+slot), else the learned whitening `meta['Lw']` (x -> P (x - m)), applied to the finished descriptor, after
+the scales are combined (cirtorch's `extract_ms`, then `whitenapply`): "ss" for single-scale, "ms" for
+multi-scale descriptors.
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ def load_teacher(path: str | Path, name: str | None = None, lw: str = "ss") -> E
     with torch.no_grad():
         head.p.copy_(torch.as_tensor(state["pool.p"]).reshape(1))
     if meta.get("whitening") and "whiten.weight" in state:
-        head.set_whitening(state["whiten.weight"], state["whiten.bias"])
+        head.set_projection(state["whiten.weight"], state["whiten.bias"])
     elif lw != "none":
         Lw = meta.get("Lw", {}).get(LW_KEY, {}).get(lw)
         if Lw is None:
@@ -93,9 +96,10 @@ def load_teacher(path: str | Path, name: str | None = None, lw: str = "ss") -> E
         m = torch.as_tensor(np.asarray(Lw["m"]), dtype=torch.float32).reshape(-1)
         head.set_whitening(P, -(P @ m))
     config = {"name": name or spec.name, "arch": spec.arch, "role": "teacher",
-              "dim": head.whiten.out_features if head.whiten is not None else spec.channels, "pool_dim": spec.channels,
+              "dim": spec.channels, "pool_dim": spec.channels,
               "space": "", "lw": lw, "source": path.name}
     mean, std = meta.get("mean", spec.preprocessing.mean), meta.get("std", spec.preprocessing.std)
     enc = Encoder(trunk, head, config, tuple(mean), tuple(std)).eval()
+    enc.config["dim"] = enc.dim
     enc.config["space"] = space_id(enc)
     return enc

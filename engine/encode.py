@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels import l2n
-
 from .backends import Runner, make_runner
 from .checks import check_float, check_int
 from .errors import EngineError
@@ -37,6 +35,7 @@ from .files import save_npy, sha256_file, write_text
 from .device_decode import Jpeg, decode_fitted, read_jpeg
 from .images import DEFAULT_MAX_SIDE, read_image
 from .models import Encoder, weights_hash
+from .multiscale import describe, scale_network
 from .progress import JobProgress
 from .store import DEFAULT_SHARD_ROWS, MANIFEST, Store, StoreWriter, open_store, read_manifest
 
@@ -182,27 +181,6 @@ def to_batch(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor
     return torch.from_numpy(out)
 
 
-@torch.no_grad()
-def describe(encoder: Encoder, images: torch.Tensor, scales: Sequence[float] = (1.0,), runner: Runner | None = None) -> torch.Tensor:
-    """Descriptors of a batch of same-sized images (B x 3 x H x W in [0, 1]) -> B x D float32.
-
-    Several scales combine as L2((mean_s f_s^p)^(1/p)), p the GeM exponent (1 when a whitening follows).
-    runner: what runs the network at each scale (engine.backends.make_runner); None: the encoder itself.
-    """
-    run = encoder if runner is None else runner
-    if len(scales) == 1 and scales[0] == 1.0:
-        return run(images)
-    p = 1.0 if encoder.head.whiten is not None else float(encoder.head.p)
-    acc = None
-    for s in scales:
-        x = images if s == 1.0 else torch.nn.functional.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
-        v = run(x).clamp(min=0).pow(p) if p != 1.0 else run(x)
-        acc = v if acc is None else acc + v
-    acc = acc / len(scales)
-    v = acc.pow(1.0 / p) if p != 1.0 else acc
-    return l2n(v)
-
-
 class ShapeBuckets:
     """Decoded images waiting for a forward pass, grouped by shape (only equal shapes share a batch).
 
@@ -252,7 +230,8 @@ def encode_items(
     progress: the job's bar (engine.progress) that the items count towards; None: a bar of these items alone.
     """
     if runner is None:
-        runner = make_runner(encoder, opts.backend, torch.device(opts.device), compile=opts.compile, cache_dir=opts.cache_dir)
+        runner = make_runner(scale_network(encoder, opts.scales), opts.backend, torch.device(opts.device),
+                             compile=opts.compile, cache_dir=opts.cache_dir)
     buckets = ShapeBuckets(opts.batch_size, opts.window * opts.batch_size)
     results: dict[int, tuple] = {}
     next_i = 0

@@ -1,10 +1,12 @@
 """The encoder as a network, and the record that describes a named one.
 
-Encoder = trunk -> head; head = GeM(p) -> L2 -> [linear W x + b] -> L2, one call into `kernels.gem_whiten`.
-The linear layer is a teacher's learned whitening (if any), or a student's map from its pooled features
-to its teacher's D (the classifier bridge, see engine.models). `EncoderSpec` is the registry's record of a
-named encoder: the family modules (engine.backbones, engine.cirtorch) declare their specs, engine.models
-collects them. This module imports neither.
+Encoder = trunk -> head; head = GeM(p) -> L2 -> [projection -> L2] -> [whitening -> L2]. The projection is
+a linear layer inside the network: a student's map from its pooled features to its teacher's D (the
+classifier bridge, see engine.models), or a cirtorch network's own trained FC layer. The whitening is a
+learned Lw applied to the finished descriptor: for multi-scale descriptors it follows the combination of
+the scales (engine.multiscale), as in cirtorch. `EncoderSpec` is the registry's record of a named encoder:
+the family modules (engine.backbones, engine.cirtorch) declare their specs, engine.models collects them.
+This module imports neither.
 """
 from __future__ import annotations
 
@@ -61,9 +63,9 @@ class WeightSource:
 @dataclass(frozen=True)
 class HeadSpec:
     """The head after the trunk: GeM with exponent `p` (learnable; its starting value, a cirtorch teacher's
-    comes from its file), then L2, then one optional linear layer, then L2. whitening: what a teacher's
-    linear layer is ("" for none); projection: a student's linear layer is its map to its teacher's D
-    (the classifier bridge, else drawn from a seed)."""
+    comes from its file), then L2, then the optional projection and whitening (see `Head`). whitening:
+    what a teacher's whitening is ("" for none); projection: a student's projection maps it to its
+    teacher's D (the classifier bridge, else drawn from a seed)."""
 
     p: float = 3.0
     whitening: str = ""
@@ -94,25 +96,56 @@ class EncoderSpec:
 # ---------------------------------------------------------------- the network
 
 
-class Head(nn.Module):
-    """GeM(p) -> L2 -> [linear W x + b] -> L2; owns p (learnable) and the optional linear layer `whiten`."""
+def _linear(W: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding copies of W (D' x D) and b (D')."""
+    layer = nn.Linear(W.shape[1], W.shape[0], bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+        layer.bias.copy_(b)
+    return layer
 
-    def __init__(self, dim: int, p: float = 3.0, whiten_dim: int | None = None):
+
+class Head(nn.Module):
+    """GeM(p) -> L2 -> [projection -> L2] -> [whitening -> L2]; owns p (learnable) and the two optional
+    linear layers `project` and `whiten`.
+
+    dim: the channels GeM pools; project_dim: the projection's output (None: no projection); whiten_dim:
+    the whitening's output (None: no whitening), its input being the projection's output or `dim`.
+    `pooled` is everything before the whitening (what each scale of a multi-scale descriptor runs),
+    `whitening` the rest; `forward` is both. Without a projection the whole head is one fused
+    `kernels.gem_whiten` call; with one, the projection is that call and the whitening a second layer.
+    """
+
+    def __init__(self, dim: int, p: float = 3.0, whiten_dim: int | None = None, project_dim: int | None = None):
         super().__init__()
         self.p = nn.Parameter(torch.tensor([float(p)]))
-        self.whiten = nn.Linear(dim, whiten_dim, bias=True) if whiten_dim else None
+        self.project = nn.Linear(dim, project_dim, bias=True) if project_dim else None
+        self.whiten = nn.Linear(project_dim or dim, whiten_dim, bias=True) if whiten_dim else None
+
+    def set_projection(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        """Install W (D' x C) and b (D') as the projection: a student's map to its teacher's D."""
+        self.project = _linear(W, b)
 
     def set_whitening(self, W: torch.Tensor, b: torch.Tensor) -> None:
-        """Install W (D' x D) and b (D') as the head's linear layer: a learned whitening or a student's map."""
-        self.whiten = nn.Linear(W.shape[1], W.shape[0], bias=True)
-        with torch.no_grad():
-            self.whiten.weight.copy_(W)
-            self.whiten.bias.copy_(b)
+        """Install W (D' x D) and b (D') as the learned whitening, D the pooled (or projected) dimension."""
+        self.whiten = _linear(W, b)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w feature map -> B x D unit vectors: GeM -> L2 -> [projection -> L2]."""
+        if self.project is None:
+            return kernels.gem_whiten(x, self.p)
+        return kernels.gem_whiten(x, self.p, self.project.weight, self.project.bias)
+
+    def whitening(self, v: torch.Tensor) -> torch.Tensor:
+        """B x D unit vectors -> B x D' unit vectors: L2(W v + b), or v itself without a whitening."""
+        if self.whiten is None:
+            return v
+        return kernels.l2n(v @ self.whiten.weight.t() + self.whiten.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.whiten is None:
-            return kernels.gem_whiten(x, self.p)
-        return kernels.gem_whiten(x, self.p, self.whiten.weight, self.whiten.bias)
+        if self.project is None and self.whiten is not None:  # a teacher with Lw: one fused call
+            return kernels.gem_whiten(x, self.p, self.whiten.weight, self.whiten.bias)
+        return self.whitening(self.pooled(x))
 
 
 class Encoder(nn.Module):
@@ -133,9 +166,16 @@ class Encoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        """Output dimension: the linear layer's when the head has one, else what GeM pools."""
+        """Output dimension: the whitening's when the head has one, else the projection's, else what GeM pools."""
         if self.head.whiten is not None:
             return self.head.whiten.out_features
+        return self.pooled_dim
+
+    @property
+    def pooled_dim(self) -> int:
+        """The dimension before the whitening: the projection's output, else what GeM pools."""
+        if self.head.project is not None:
+            return self.head.project.out_features
         return int(self.config.get("pool_dim", self.config["dim"]))
 
     @property
@@ -152,6 +192,25 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk_maps(images))
+
+    def unwhitened(self) -> Encoder:
+        """This encoder without its whitening, sharing its trunk and parameters (itself when it has none).
+
+        Its space is the raw space the whitening was learned on: `config["raw_space"]` where the whitening
+        was installed by this project, else the id of the remaining weights (a cirtorch teacher's Lw).
+        It is what each scale of a multi-scale descriptor runs (engine.multiscale), and `raw:SOURCE`.
+        """
+        if self.head.whiten is None:
+            return self
+        head = Head(int(self.config.get("pool_dim", self.config["dim"])))
+        head.p = self.head.p
+        head.project = self.head.project
+        config = {k: v for k, v in self.config.items() if k not in ("raw_space", "whitening")}
+        raw = Encoder(self.trunk, head, config, tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
+        raw.train(self.training)
+        raw.config["dim"] = raw.dim
+        raw.config["space"] = self.config.get("raw_space") or space_id(raw)
+        return raw
 
 
 def weights_hash(module: nn.Module) -> str:

@@ -7,13 +7,16 @@ any of them with `build(name, ...)`, as timm's `create_model` does over its regi
 family modules never import this one.
 
 A teacher is trunk -> GeM -> L2 [-> learned whitening -> L2]; its embedding-space id is its name and a
-hash of its weights and head. A student is trunk -> GeM -> L2 -> linear map to its teacher's D -> L2; the
-map starts as `classifier_bridge` (through the two ImageNet classifiers), so an untrained student already
-lands near its teacher's space, and the student carries the id of the teacher space it maps into.
+hash of its weights and head. A student is trunk -> GeM -> L2 -> projection to its teacher's D -> L2
+[-> whitening -> L2]; the projection starts as `classifier_bridge` (through the two ImageNet classifiers),
+so an untrained student already lands near its teacher's space, and the student carries the id of the
+teacher space it maps into. A whitening on a student is its teacher's Lw (the paper's test-time
+whitening: the student learns the teacher's raw space, both sides are whitened afterwards) or its own.
 
 Checkpoints are one .safetensors file whose header metadata holds the JSON config. `load_encoder(source)`
 takes a registry name, `checkpoint:PATH`, `cirtorch:PATH`, or a plain PATH whose kind is read from the
-file's first bytes (never from its suffix).
+file's first bytes (never from its suffix); `raw:SOURCE` is that encoder without its whitening, in the
+raw space its whitening was learned on (a space of its own: its vectors never mix with whitened ones).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ __all__ = [
 HEAD_SEED = 0  # a student head without a classifier bridge is drawn from this seed: same name, same encoder
 CHECKPOINT_KEY = "aml_engine"
 SOURCE_KINDS = ("checkpoint", "cirtorch")  # the prefixes of an explicit source: "checkpoint:PATH", "cirtorch:PATH"
+RAW = "raw:"  # "raw:SOURCE": the encoder of SOURCE without its whitening (Encoder.unwhitened)
 
 ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [*backbones.SPECS, *cirtorch.SPECS]}
 TEACHERS = tuple(n for n, s in ENCODERS.items() if s.role == "teacher")
@@ -69,10 +73,11 @@ def classifier_bridge(student_fc: torch.Tensor | None, teacher: Encoder) -> torc
 
     Both classifiers read class scores linearly from pooled features: W_t f_t ~ W_s f_s gives
     f_t ~ pinv(W_t) W_s f_s. None when either side has no ImageNet classifier or the teacher's
-    output is whitened (its D is then not its pooled features' space).
+    output is not its pooled features (a projection or a whitening follows them).
     """
     teacher_fc = timm_classifier(teacher.trunk)
-    if student_fc is None or teacher_fc is None or teacher.head.whiten is not None or teacher_fc.shape[0] != student_fc.shape[0]:
+    linear = teacher.head.project is not None or teacher.head.whiten is not None
+    if student_fc is None or teacher_fc is None or linear or teacher_fc.shape[0] != student_fc.shape[0]:
         return None
     return (torch.linalg.pinv(teacher_fc.double()) @ student_fc.double()).float()
 
@@ -115,7 +120,7 @@ def _build_student(
         "head_init": f"random:{seed}" if bridge is None else "imagenet-bridge",
     }
     head = Head(spec.channels, spec.head.p)
-    head.set_whitening(W, torch.zeros(dim))
+    head.set_projection(W, torch.zeros(dim))
     return Encoder(trunk, head, config, spec.preprocessing.mean, spec.preprocessing.std).eval()
 
 
@@ -186,6 +191,7 @@ def save_checkpoint(encoder: Encoder, path: str | Path, extra: dict | None = Non
     path = Path(path)
     config = dict(encoder.config)
     config["dim"] = encoder.dim
+    config["project_dim"] = encoder.head.project.out_features if encoder.head.project is not None else None
     config["whiten_dim"] = encoder.head.whiten.out_features if encoder.head.whiten is not None else None
     config.update(extra or {})
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
@@ -219,9 +225,15 @@ def load_checkpoint(path: str | Path) -> Encoder:
     if spec is None:
         raise EngineError(f"checkpoint names unknown architecture {config.get('arch')!r}", path)
     pool_dim = config.get("pool_dim", config["dim"])  # what GeM pools; dim is the output, after any linear layer
-    head = Head(pool_dim, whiten_dim=config.get("whiten_dim"))
+    state = load_file(str(path))
+    if "project_dim" not in config and config.get("role") == "student":
+        # Written before the head had a projection slot: a student's map sat in the whitening's (and a
+        # student could not be whitened then), so the layer is its projection.
+        config["project_dim"], config["whiten_dim"] = config.get("whiten_dim"), None
+        state = {k.replace("head.whiten.", "head.project.", 1): v for k, v in state.items()}
+    head = Head(pool_dim, whiten_dim=config.get("whiten_dim"), project_dim=config.get("project_dim"))
     enc = Encoder(spec.trunk(None), head, config, spec.preprocessing.mean, spec.preprocessing.std)
-    missing, unexpected = enc.load_state_dict(load_file(str(path)), strict=False)
+    missing, unexpected = enc.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise EngineError(f"checkpoint does not fit {spec.arch}: missing {missing[:3]}, unexpected {unexpected[:3]}", path)
     return enc.eval()
@@ -258,7 +270,15 @@ def parse_source(source: str | Path) -> Source:
 
 def load_encoder(source: str | Path, weights: str | Path | None = None) -> Encoder:
     """An encoder from a source (see `parse_source`): a registry teacher (with `weights` for its backbone),
-    a checkpoint, or a cirtorch teacher file. A registry student needs a target: `build` it instead."""
+    a checkpoint, or a cirtorch teacher file; `raw:SOURCE` is SOURCE's encoder without its whitening
+    (`Encoder.unwhitened`: the raw space, e.g. the targets of the paper's test-time whitening). A registry
+    student needs a target: `build` it instead."""
+    if not isinstance(source, Path) and str(source).startswith(RAW):
+        inner = str(source)[len(RAW):]
+        encoder = load_encoder(inner, weights)
+        if encoder.head.whiten is None:
+            raise EngineError(f"{inner!r} has no whitening: raw:SOURCE names the space before an encoder's whitening")
+        return encoder.unwhitened()
     src = parse_source(source)
     if src.kind == "checkpoint":
         return load_checkpoint(src.ref)

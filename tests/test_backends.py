@@ -195,8 +195,8 @@ def multiscale_float64(enc, x: torch.Tensor, scales, p: float) -> np.ndarray:
         pg = enc.head.p.detach().item()
         g = np.mean(np.maximum(fmap, 1e-6) ** pg, axis=(2, 3)) ** (1 / pg)
         v = g / np.linalg.norm(g, axis=1, keepdims=True)
-        if enc.head.whiten is not None:
-            v = v @ enc.head.whiten.weight.detach().double().numpy().T + enc.head.whiten.bias.detach().double().numpy()
+        if enc.head.project is not None:
+            v = v @ enc.head.project.weight.detach().double().numpy().T + enc.head.project.bias.detach().double().numpy()
             v = v / np.linalg.norm(v, axis=1, keepdims=True)
         acc = acc + np.maximum(v, 0) ** p if p != 1.0 else acc + v
     v = (acc / len(scales)) ** (1 / p)

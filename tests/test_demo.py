@@ -23,4 +23,4 @@ def test_demo_on_a_photo_folder(tmp_path, run_cli):
     assert 25 < metrics["student_asym"]["medium"]["mAP"] < metrics["teacher_sym"]["medium"]["mAP"]
     assert (tmp_path / "demo" / "report" / "index.html").exists()
     manifest = json.loads((tmp_path / "demo" / "teacher.store" / "manifest.json").read_text())
-    assert manifest["info"]["encode"]["scales"] == [1.0, 0.707]  # the test images at both scales
+    assert manifest["info"]["encode"]["scales"] == [1.0, 2**-0.5]  # the test images at both scales (0.707: 1/sqrt(2))

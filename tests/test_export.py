@@ -46,9 +46,18 @@ def teacher():
     return enc.eval()
 
 
-@pytest.mark.parametrize("which", ["student", "teacher"])
-def test_onnx_matches_torch_on_photographs_across_batch_and_size(which, student, teacher, tmp_path):
-    enc = student if which == "student" else teacher
+@pytest.fixture(scope="module")
+def whitened_student():
+    enc = build_student("mobilenetv2", 96, "test-space")
+    g = torch.Generator().manual_seed(1)
+    # Projection and whitening: GeM -> L2 -> projection -> L2 -> W x + b -> L2.
+    enc.head.set_whitening(torch.randn(64, 96, generator=g) / 96**0.5, torch.randn(64, generator=g) * 0.01)
+    return enc.eval()
+
+
+@pytest.mark.parametrize("which", ["student", "teacher", "whitened-student"])
+def test_onnx_matches_torch_on_photographs_across_batch_and_size(which, student, teacher, whitened_student, tmp_path):
+    enc = {"student": student, "teacher": teacher, "whitened-student": whitened_student}[which]
     path = export_onnx(enc, tmp_path / f"{which}.onnx")
     # One file, dynamic axes: two batch sizes and two (non-square, odd) image sizes.
     for batch, height, width in [(1, 128, 128), (3, 97, 141)]:

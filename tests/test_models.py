@@ -116,6 +116,33 @@ def test_checkpoint_round_trip_keeps_outputs_and_config(tmp_path, teacher):
     assert r(x).shape == (1, 256)
 
 
+def test_checkpoints_from_before_the_projection_slot_still_load(tmp_path, teacher):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.models import CHECKPOINT_KEY, read_checkpoint_config
+
+    s = build_student("mobilenetv2", teacher.dim, teacher.space, teacher=teacher.name, bridge_to=teacher)
+    new = save_checkpoint(s, tmp_path / "new.safetensors")
+    # What the code before the projection slot wrote (checked against that code by hand): the student's map
+    # under head.whiten.*, its D as whiten_dim, no project_dim.
+    config = read_checkpoint_config(new)
+    assert config.pop("project_dim") == teacher.dim and config["whiten_dim"] is None
+    config["whiten_dim"] = teacher.dim
+    old = tmp_path / "old.safetensors"
+    save_file({k.replace("head.project.", "head.whiten."): v for k, v in load_file(new).items()}, str(old),
+              metadata={CHECKPOINT_KEY: json.dumps(config)})
+    r = load_checkpoint(old)
+    assert r.head.whiten is None and r.space == s.space and r.dim == teacher.dim
+    torch.testing.assert_close(r.head.project.weight, s.head.project.weight, rtol=0, atol=0)
+    x = cat_image(96)
+    with torch.no_grad():
+        torch.testing.assert_close(r(x), s(x), rtol=0, atol=0)
+    # A teacher's whitening stays a whitening: only a student's old layer is its projection.
+    assert load_checkpoint(save_checkpoint(teacher, tmp_path / "t.safetensors")).space == teacher.space
+
+
 def test_students_without_packaged_weights_need_an_explicit_choice():
     with pytest.raises(EngineError, match="weights='random'"):
         build_student("resnet18", 1280, "x")
@@ -124,11 +151,11 @@ def test_students_without_packaged_weights_need_an_explicit_choice():
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        want = head_float64(s.trunk((x - mean) / std), 3.0, s.head.whiten.weight, s.head.whiten.bias)
+        want = head_float64(s.trunk((x - mean) / std), 3.0, s.head.project.weight, s.head.project.bias)
         np.testing.assert_allclose(s(x).numpy(), want, atol=1e-6, rtol=0)
     # The head's map is the documented seeded draw: N(0, 1) / sqrt(C), C = 512 pooled channels.
     W = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) / 512**0.5
-    torch.testing.assert_close(s.head.whiten.weight, W, rtol=0, atol=0)
+    torch.testing.assert_close(s.head.project.weight, W, rtol=0, atol=0)
 
 
 def test_unknown_names_and_bad_checkpoints(tmp_path):
@@ -164,6 +191,8 @@ def test_cirtorch_teacher_with_learned_whitening(tmp_path):
     enc = load_encoder(path)
     assert enc.dim == 2048 and enc.config["arch"] == "resnet101" and enc.name == "resnet101-gem"
     assert enc.space == space_id(enc) == build_teacher("resnet101-gem", path).space
+    # The head's tensors keep their names (head.whiten holds Lw), so a cirtorch teacher keeps its space id.
+    assert {k for k in enc.state_dict() if k.startswith("head.")} == {"head.p", "head.whiten.weight", "head.whiten.bias"}
     assert load_encoder(f"cirtorch:{path}").space == enc.space
     with pytest.raises(EngineError, match="resnet101 network .* not vgg16-gem"):
         build_teacher("vgg16-gem", path)

@@ -53,6 +53,13 @@ def test_build_asks_the_right_arguments_of_each_role():
     assert (s.dim, s.space, s.name, s.config["head_init"], s.config["pool_dim"]) == (32, "t:1", "resnet18->t", "random:3", 512)
 
 
+def test_the_offline_teacher_keeps_its_space_id():
+    # Recorded before the head had a projection slot: every store of this teacher on disk carries it.
+    teacher = build("effnet-lite2-gem")
+    assert teacher.space == "effnet-lite2-gem:d433a2f98ffd621e"
+    assert teacher.head.project is None and [k for k in teacher.state_dict() if k.startswith("head.")] == ["head.p"]
+
+
 def test_sources_are_named_or_read_from_the_file(tmp_path):
     ckpt, pth, legacy, other = tmp_path / "a.pth", tmp_path / "b.safetensors", tmp_path / "c", tmp_path / "d.safetensors"
     save_file({"x": torch.zeros(2)}, str(ckpt))  # suffixes that lie: the content decides

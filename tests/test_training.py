@@ -83,7 +83,7 @@ def test_each_loss_family_trains_an_epoch(tiny_train, teacher_store, tmp_path, r
     trained = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert trained.config["train"]["loss"] == loss and trained.config["epoch"] == 1
     moved = [name for name, w in trained.state_dict().items() if w.is_floating_point() and not torch.equal(w, untrained[name])]
-    assert "head.whiten.weight" in moved and any(name.startswith("trunk.") for name in moved)  # the loss reached both
+    assert "head.project.weight" in moved and any(name.startswith("trunk.") for name in moved)  # the loss reached both
 
 
 # ---------------------------------------------------------------- bad values: one clear line, before any work
@@ -298,7 +298,7 @@ def test_frozen_trunk_trains_only_the_head(tiny_train, teacher_store, tmp_path, 
     assert start.config["head_init"] == trained.config["head_init"] == "imagenet-bridge"
     for a, b in zip(trained.trunk.state_dict().values(), start.trunk.state_dict().values()):
         assert (a == b).all()
-    assert not (trained.head.whiten.weight == start.head.whiten.weight).all()
+    assert not (trained.head.project.weight == start.head.project.weight).all()
 
 
 @pytest.mark.slow

@@ -609,23 +609,31 @@ def export(
 @app.command()
 def whiten(
     model: str = typer.Option(..., "--model", help="The encoder to whiten: a registry name, checkpoint:PATH, cirtorch:PATH or PATH (as for encode)"),
-    pairs: Path = typer.Option(..., "--pairs", help="Whitening pickle {cids, qidxs, pidxs} or an SfM-format db.pkl"),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Learn Lw from these pairs: a whitening pickle {cids, qidxs, pidxs} or an SfM-format db.pkl"),
+    lw_from: Optional[str] = typer.Option(None, "--lw-from", help="Instead, install this teacher's Lw (a source, as --model) in a student trained on raw:TEACHER vectors: the paper's test-time whitening"),
     out_path: Path = typer.Option(..., "--out", help="Checkpoint (.safetensors) of the encoder with its learned whitening"),
     dim: Optional[int] = typer.Option(None, "--dim", min=1, help="Keep the first DIM whitened components"),
     images: Optional[Path] = typer.Option(None, "--images", help="The pairs' ims/ or jpg/ folder"),
     max_side: int = typer.Option(MAX_SIDE, "--max-side", min=MIN_SIDE, help=MAX_SIDE_HELP),
     workers: int = typer.Option(AUTO_WORKERS, "--workers", min=-1, help=WORKERS_HELP),
 ):
-    """Learn whitening (Lw) from matching pairs and save the encoder with it as the head's last layer."""
+    """Give a teacher or student a learned whitening (Lw): learned from matching pairs, or a teacher's (--lw-from);
+    save the encoder with it as the head's last layer."""
+    if (pairs is None) == (lw_from is None):
+        raise typer.BadParameter("give exactly one of --pairs (learn Lw) and --lw-from (adopt a teacher's)")
     opt.output_file(out_path)
-    from training.learn_whitening import whiten_encoder
+    from training.learn_whitening import adopt_whitening, whiten_encoder
 
     from ..encode import EncodeOptions
     from ..models import load_encoder
 
     enc = load_encoder(model)
-    opts = EncodeOptions(max_side=max_side, workers=_workers(workers), label="whitening pairs")
-    path = whiten_encoder(enc, pairs, out_path, opts, dim, images)
+    if lw_from is not None:
+        adopt_whitening(enc, load_encoder(lw_from), out_path)
+        path = out_path
+    else:
+        opts = EncodeOptions(max_side=max_side, workers=_workers(workers), label="whitening pairs")
+        path = whiten_encoder(enc, pairs, out_path, opts, dim, images)
     console.print(f"wrote {path}: {enc.name} + Lw (D = {enc.dim}, space {enc.space})")
 
 

@@ -94,11 +94,17 @@ MAX_SCALE = 4.0  # past 4x an image is upsampled to no new detail, and its memor
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
-    """'1,0.707,0.5' -> (1.0, 0.707, 0.5): factors in (0, MAX_SCALE]; a usage error otherwise (a typer callback)."""
+    """'1,0.707,0.5' -> (1.0, 2**-0.5, 0.5): factors in (0, MAX_SCALE]; a usage error otherwise (a typer callback).
+
+    A factor within 5e-4 of 1/sqrt(2) (0.707, 0.7071: how it is written) is the protocol's 1/sqrt(2) exactly
+    (engine.multiscale.PROTOCOL_SCALES), as cirtorch computes it."""
+    from ..multiscale import PROTOCOL_SCALES
+
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise typer.BadParameter(f"must be comma-separated numbers, got {text!r}") from None
+    scales = tuple(PROTOCOL_SCALES[1] if abs(s - PROTOCOL_SCALES[1]) < 5e-4 else s for s in scales)
     problem = next((p for s in scales if (p := float_problem(s, 0, MAX_SCALE, open_min=True))), None)
     if not scales or problem:
         raise typer.BadParameter(f"each factor {problem or 'must be a number'}, got {text!r}")
