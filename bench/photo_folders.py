@@ -22,9 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from engine.datasets.photos import default_photos, load_photo
+from engine.datasets.photos import SAME_PHOTO, default_photos, thumbnail
 from engine.files import sha256_file, write_bytes
 
 
@@ -90,15 +88,6 @@ FOLDERS = {
 }
 
 
-def thumbnail(path: Path) -> np.ndarray:
-    """A 16x16 grey, zero-mean, unit-norm thumbnail (float64): near-duplicates have a dot product near 1."""
-    grey = load_photo(path).astype(np.float64).mean(axis=2)
-    h, w = grey.shape
-    t = grey[: h - h % 16, : w - w % 16].reshape(16, (h - h % 16) // 16, 16, (w - w % 16) // 16).mean(axis=(1, 3)).ravel()
-    t -= t.mean()
-    return t / max(np.linalg.norm(t), 1e-12)
-
-
 def unpack(folder: Folder, work: Path) -> Path:
     """apt-get download + dpkg -x of the folder's package into `work`; returns the unpacked root."""
     subprocess.run(["apt-get", "download", "-q", f"{folder.package}={folder.version}"], cwd=work, check=True)
@@ -114,8 +103,8 @@ def file_name(inner: str) -> str:
     return f"{parts[0]}{Path(inner).suffix}" if "contents" in parts else parts[-1]
 
 
-def build(name: str, out: Path, builtin: list[tuple[Path, str, np.ndarray]]) -> list[Path]:
-    """Write folder `name` into out/name (checked against sha256 and the built-in photos); returns the files."""
+def build(name: str, out: Path, builtin: list[tuple]) -> list[Path]:
+    """Write folder `name` into out/name; builtin: (path, sha256, thumbnail) of each built-in photo. Returns the files."""
     folder = FOLDERS[name]
     dest = out / name
     dest.mkdir(parents=True, exist_ok=True)
@@ -128,7 +117,7 @@ def build(name: str, out: Path, builtin: list[tuple[Path, str, np.ndarray]]) -> 
                 raise SystemExit(f"{src}: sha256 differs from the recorded one ({folder.package} {folder.version})")
             thumb = thumbnail(src)
             for path, sha, t in builtin:
-                if sha == digest or float(thumb @ t) > 0.98:
+                if sha == digest or float(thumb @ t) > SAME_PHOTO:
                     raise SystemExit(f"{src} looks like the built-in photograph {path}")
             target = dest / file_name(inner)
             write_bytes(target, src.read_bytes())

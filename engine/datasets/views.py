@@ -400,6 +400,7 @@ def build_views(
     train_fraction: float = 0.4,
     rule: geo.LabelRule = geo.DEFAULT_RULE,
     opencv_doc: Path | None = OPENCV_DOC_DATA,
+    train_photos: list[Path] | None = None,
 ) -> dict:
     """Build the views benchmark under `out_dir` (layout in the module docstring); returns the info dict.
 
@@ -408,13 +409,20 @@ def build_views(
     queries (the same for val over the training scenes); n_train views per training scene for
     train/db.pkl (at least 2); train_fraction: the share of photographs that become training scenes, in
     (0, 1); seed: a non-negative integer; opencv_doc: opencv-doc's data folder (None: neither its photos nor
-    the pairs). Out-of-range values are refused (`check_arguments`) before anything is written.
+    the pairs). train_photos: when given, every photo of `photos` is a test scene and these are the
+    training scenes (train_fraction is unused; the pairs benchmark is left out when its first views
+    train). Out-of-range values are refused (`check_arguments`) before anything is written.
     The info dict (also out/info.json) holds seed, difficulty, size, photos with their split, counts.
     """
     check_arguments(difficulty, seed, size, n_gallery, n_queries, n_train, train_fraction)
     photos = [Path(p) for p in (default_photos(opencv_doc) if photos is None else photos)]
-    if len(photos) < MIN_PHOTOS:
+    n_test = len(photos) if train_photos is not None else 0
+    photos += [Path(p) for p in train_photos or ()]
+    if train_photos is None and len(photos) < MIN_PHOTOS:
         raise EngineError(f"{len(photos)} photographs given, a benchmark needs at least {MIN_PHOTOS}")
+    if train_photos is not None and min(n_test, len(photos) - n_test) < MIN_PHOTOS // 2:
+        raise EngineError(f"{n_test} test and {len(photos) - n_test} training photographs given, "
+                          f"a benchmark needs at least {MIN_PHOTOS // 2} of each")
     d = DIFFICULTIES[difficulty]
     sources = [load_photo(path, size) for path in photos]  # every photograph decoded before anything is written
     out = Path(out_dir)
@@ -422,7 +430,12 @@ def build_views(
     jpg_dir.mkdir(parents=True, exist_ok=True)
     data_dir = opencv_doc if opencv_doc is not None and opencv_doc.is_dir() else None
     pinned = {first for _, first, _, _, _ in real_pairs(data_dir)} if data_dir else set()
-    split = split_scenes(photos, seed, train_fraction, pinned)
+    if train_photos is None:
+        split = split_scenes(photos, seed, train_fraction, pinned)
+    else:
+        split = ["test"] * n_test + ["train"] * (len(photos) - n_test)
+        if pinned & set(photos[n_test:]):  # the pairs' first views are training scenes: the pairs are no longer unseen
+            data_dir = None
 
     test, val, train, train_val = [], [], [], []
     for s, (path, source) in enumerate(zip(photos, sources)):
