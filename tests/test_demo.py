@@ -33,12 +33,17 @@ def test_demo_on_a_photo_folder(tmp_path, run_cli):
     assert trained and not any(Path(t).stem in {"astronaut", "coffee", "chelsea", "rocket", "coins", "camera"} for t in trained)
 
 
-def test_the_demo_runs_the_multi_scale_protocol_by_default():
+def test_the_demo_defaults_are_the_library_defaults():
     import inspect
 
-    from engine.cli.demo import SCALES, run_demo
+    import typer
+
+    from engine.cli import app
+    from engine.cli.demo import SCALES, STUDENT, run_demo
 
     assert inspect.signature(run_demo).parameters["scales"].default == SCALES == (1.0, 2 ** -0.5, 0.5)  # not 0.707
+    student = next(p for p in typer.main.get_command(app).commands["demo"].params if p.name == "student")
+    assert student.default == STUDENT == inspect.signature(run_demo).parameters["student"].default
 
 
 @pytest.mark.parametrize("flag, scales", [([], (1.0, 2 ** -0.5, 0.5)), (["--single-scale"], (1.0,))])

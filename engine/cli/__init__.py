@@ -617,7 +617,7 @@ def data_convert_test(
 def demo(
     out_dir: Path = typer.Option(Path("engine-demo"), "--out", help="Where the benchmark, stores and results go"),
     photos: Optional[Path] = typer.Option(None, "--photos", help="Build the benchmark from this folder of photographs"),
-    student: str = typer.Option("mobilenetv2", "--student", **opt.STUDENT, help="Student architecture (`engine models` lists them)"),
+    student: str = typer.Option("effnet-lite0", "--student", **opt.STUDENT, help="Student architecture (`engine models` lists them)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
     train: Optional[str] = typer.Option(None, "--train", **opt.LOSS, help="Also train the student with this loss (one of training.losses.LOSSES) and score it"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs with --train"),
