@@ -205,7 +205,7 @@ def test_option_defaults_are_the_library_defaults():
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
         for name, p in command_params(cmd).items():
             field = renamed.get(name, name)
-            if field not in fields or name == "workers":
+            if field not in fields or name == "workers" or (cmd, name) == ("engine demo", "student"):  # the demo's own
                 continue
             default = parse_scales(p.default) if name in ("scales", "val_scales") else p.default
             assert default == fields[field], (cmd, name)

@@ -18,6 +18,8 @@ from engine.datasets.photos import (
     load_photo,
     photos_in,
     real_pairs,
+    thumbnail,
+    unseen,
 )
 from engine.datasets.revisited import load_gnd
 from engine.datasets.views import DIFFICULTIES, build_views, split_scenes
@@ -125,6 +127,16 @@ def test_photos_in_missing_or_too_small_folder(tmp_path):
         photos_in(tmp_path)
 
 
+def test_unseen_drops_any_copy_of_a_folder_photo(photo_dir):
+    import skimage
+
+    originals = [Path(skimage.__file__).parent / "data" / n for n in SKIMAGE_PHOTOS]
+    folder = photos_in(photo_dir)  # the same photographs, resized to 160 px and saved as JPEG
+    assert unseen(originals, folder) == []
+    assert unseen(originals, folder[:2]) == originals[2:]  # sorted names: astronaut, camera are seen
+    assert float(thumbnail(originals[0]) @ thumbnail(folder[0])) > 0.98 > float(thumbnail(originals[0]) @ thumbnail(folder[1]))
+
+
 def test_unreadable_photo_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
@@ -199,6 +211,31 @@ def test_more_training_views_leave_the_test_split_unchanged(built, photo_dir, tm
     assert code == 0, err
     assert json.loads((tmp_path / "cli" / "info.json").read_text())["counts"]["train"]["images"] == 2 * sum(
         p["split"] == "train" for p in json.loads((tmp_path / "cli" / "info.json").read_text())["photos"])
+
+
+def test_given_training_photos_every_folder_photo_is_a_test_scene(built, photo_dir, tmp_path):
+    out, info = built
+    photos = photos_in(photo_dir)
+    given = build_views(tmp_path, photos=photos[:3], train_photos=photos[3:], seed=7, **SMALL)
+    assert [(p["path"], p["split"]) for p in given["photos"]] == [(str(p), "test") for p in photos[:3]] + [
+        (str(p), "train") for p in photos[3:]]
+    assert given["counts"]["test"]["gallery"] == 3 * SMALL["n_gallery"]
+    assert given["counts"]["train"]["images"] == 2 * SMALL["n_train"]
+    # A test scene's views depend on its photo's place only, not on which other photos train.
+    both = [p["scene"] for p in info["photos"] if p["split"] == "test" and p["scene"] < 3]
+    assert both  # scenes that test in both builds
+    for s in both:
+        for name in (out / "jpg").glob(f"test_{s:02d}_*"):
+            assert (tmp_path / "jpg" / name.name).read_bytes() == name.read_bytes()
+    with pytest.raises(EngineError, match="1 test and 4 training photographs given, .* at least 2 of each"):
+        build_views(tmp_path / "few", photos=photos[:1], train_photos=photos[1:], **SMALL)
+
+
+@pytest.mark.skipif(not HAS_OPENCV_DOC, reason="opencv-doc is not installed")
+def test_pairs_are_left_out_when_their_first_views_train(photo_dir, tmp_path):
+    trained = [OPENCV_DOC_DATA / OPENCV_DOC_PAIRS[0][1], *photos_in(photo_dir)[:1]]
+    info = build_views(tmp_path, photos=photos_in(photo_dir)[1:3], train_photos=trained, **SMALL)
+    assert info["counts"]["pairs"] is None and not (tmp_path / "pairs").exists()
 
 
 def test_other_seed_other_views(built, photo_dir, tmp_path):

@@ -685,20 +685,20 @@ def data_convert_test(
 def demo(
     out_dir: Path = typer.Option(Path("engine-demo"), "--out", help="Where the benchmark, stores and results go"),
     photos: Optional[Path] = typer.Option(None, "--photos", help="Build the benchmark from this folder of photographs"),
-    student: str = typer.Option("mobilenetv2", "--student", **opt.STUDENT, help="Student architecture (`engine models` lists them)"),
+    student: str = typer.Option("effnet-lite0", "--student", **opt.STUDENT, help="Student architecture (`engine models` lists them)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by setting"),
     train: Optional[str] = typer.Option(None, "--train", **opt.LOSS, help="Also train the student with this loss (one of training.losses.LOSSES) and score it"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs with --train"),
-    scales: str = typer.Option("1", "--scales", callback=parse_scales, help="Test-time multi-scale factors, e.g. 1,0.707,0.5 (METHOD.md's protocol)"),
+    single_scale: bool = typer.Option(False, "--single-scale", help="Encode the test images at one scale (default: METHOD.md's multi-scale protocol, scales 1, 1/sqrt(2), 1/2)"),
     adapt: bool = typer.Option(False, "--adapt", help="Also fit the student to the test gallery's own images, label-free "
                                                      "(transductive: rows student_adapted_*, apart from the protocol's)"),
 ):
     """The whole pipeline on real photographs: benchmark, teacher gallery, student queries, search, evaluation."""
     opt.output_folder(out_dir)
-    from .demo import run_demo
+    from .demo import SCALES, run_demo
 
-    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs, scales=scales,
-                       adapt=adapt)
+    results = run_demo(out_dir, photos=photos, student=student, log=console, train_loss=train, epochs=epochs,
+                       scales=(1.0,) if single_scale else SCALES, adapt=adapt)
     if as_json:
         print(json.dumps(results["metrics"]))
     else:

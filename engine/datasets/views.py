@@ -290,10 +290,17 @@ def split_scenes(photos: list[Path], seed: int, train_fraction: float, pinned_te
     free = [i for i, p in enumerate(photos) if p not in pinned_test]
     order = np.random.default_rng([seed, 0]).permutation(len(free))
     n_train = min(max(1, round(train_fraction * len(photos))), len(free) - 1)
-    n_val = max(0, min(max(1, round(val_fraction * n_train)), n_train - 2)) if val_fraction > 0 else 0
-    train = {free[k] for k in order[:n_train - n_val]}
-    val = {free[k] for k in order[n_train - n_val:n_train]}
-    return ["train" if i in train else "val" if i in val else "test" for i in range(len(photos))]
+    side = [free[k] for k in order[:n_train]]
+    val = validation_scenes(side, val_fraction)
+    return ["val" if i in val else "train" if i in side else "test" for i in range(len(photos))]
+
+
+def validation_scenes(side: list[int], val_fraction: float) -> set[int]:
+    """The scenes held out for validation from a training side (indices in a seeded order): its last
+    `val_fraction` (rounded, at least one), only when at least two training scenes remain (mining needs another
+    cluster), else none."""
+    n_val = max(0, min(max(1, round(val_fraction * len(side))), len(side) - 2)) if val_fraction > 0 else 0
+    return set(side[len(side) - n_val:])
 
 
 def _rng(seed: int, split: str, scene: int) -> np.random.Generator:
@@ -412,6 +419,7 @@ def build_views(
     val_fraction: float = 0.2,
     rule: geo.LabelRule = geo.DEFAULT_RULE,
     opencv_doc: Path | None = OPENCV_DOC_DATA,
+    train_photos: list[Path] | None = None,
 ) -> dict:
     """Build the views benchmark under `out_dir` (layout in the module docstring); returns the info dict.
 
@@ -419,15 +427,22 @@ def build_views(
     size: longer side of every image in pixels; per test scene n_gallery gallery views and n_queries
     queries (the same for val over the training scenes); n_train views per training scene for
     train/db.pkl (at least 2); train_fraction: the share of photographs that become training scenes, in
-    (0, 1); val_fraction: the share of those held out as validation scenes, in [0, 1) (`split_scenes`);
-    seed: a non-negative integer; opencv_doc: opencv-doc's data folder (None: neither its photos nor
-    the pairs). Out-of-range values are refused (`check_arguments`) before anything is written.
+    (0, 1); val_fraction: the share of the training side held out as validation scenes, in [0, 1)
+    (`split_scenes`); seed: a non-negative integer; opencv_doc: opencv-doc's data folder (None: neither its
+    photos nor the pairs). train_photos: when given, every photo of `photos` is a test scene and these are the
+    training side (train_fraction is unused; val_fraction still holds some out; the pairs benchmark is left out
+    when its first views train). Out-of-range values are refused (`check_arguments`) before anything is written.
     The info dict (also out/info.json) holds seed, difficulty, size, photos with their split, counts.
     """
     check_arguments(difficulty, seed, size, n_gallery, n_queries, n_train, train_fraction, val_fraction)
     photos = [Path(p) for p in (default_photos(opencv_doc) if photos is None else photos)]
-    if len(photos) < MIN_PHOTOS:
+    n_test = len(photos) if train_photos is not None else 0
+    photos += [Path(p) for p in train_photos or ()]
+    if train_photos is None and len(photos) < MIN_PHOTOS:
         raise EngineError(f"{len(photos)} photographs given, a benchmark needs at least {MIN_PHOTOS}")
+    if train_photos is not None and min(n_test, len(photos) - n_test) < MIN_PHOTOS // 2:
+        raise EngineError(f"{n_test} test and {len(photos) - n_test} training photographs given, "
+                          f"a benchmark needs at least {MIN_PHOTOS // 2} of each")
     d = DIFFICULTIES[difficulty]
     sources = [load_photo(path, size) for path in photos]  # every photograph decoded before anything is written
     out = Path(out_dir)
@@ -435,7 +450,14 @@ def build_views(
     jpg_dir.mkdir(parents=True, exist_ok=True)
     data_dir = opencv_doc if opencv_doc is not None and opencv_doc.is_dir() else None
     pinned = {first for _, first, _, _, _ in real_pairs(data_dir)} if data_dir else set()
-    split = split_scenes(photos, seed, train_fraction, pinned, val_fraction)
+    if train_photos is None:
+        split = split_scenes(photos, seed, train_fraction, pinned, val_fraction)
+    else:
+        side = [n_test + k for k in np.random.default_rng([seed, 0]).permutation(len(photos) - n_test)]
+        val = validation_scenes(side, val_fraction)
+        split = ["test"] * n_test + ["val" if i in val else "train" for i in range(n_test, len(photos))]
+        if pinned & set(photos[n_test:]):  # the pairs' first views are training scenes: the pairs are no longer unseen
+            data_dir = None
     val_scenes = "val" in split  # else the old protocol: fresh views of the training scenes
 
     test, val, train, train_val = [], [], [], []
