@@ -56,7 +56,7 @@ step() {  # name, timeout, command...: runs one step, its output to $OUT/name.tx
 step test_cuda 110 env AML_KERNELS_CUDA=1 "${PYTEST[@]}" tests/test_kernels.py tests/test_backends.py \
     tests/test_device_decode.py -k "full_size or cuda"
 wait "$build_pid" || { echo "gpu_check: the C++ build failed (see build.txt)"; rc=1; }
-step test_search_cuda 80 "${PYTEST[@]}" tests/test_resident.py tests/test_search.py -k "cuda or gpu"
+step test_search_cuda 80 env AML_KERNELS_CUDA=1 "${PYTEST[@]}" tests/test_resident.py tests/test_search.py -k "cuda or gpu"
 step bench_search 130 env AML_BENCH_DEVICE=cuda AML_BENCH_ROUNDS=3 \
     AML_BENCH_GRID="${AML_GPU_SEARCH_GRID:-1000000x512x1,1000000x512x1024,100000x2048x1024}" \
     AML_BENCH_METHODS=engine-float32,engine-int8,resident-cuda \

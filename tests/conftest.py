@@ -1,6 +1,13 @@
 """Shared fixtures: a tiny instance-retrieval benchmark in the revisited layout, and a CLI runner."""
+import os
 import pickle
 import sys
+
+# Triton reads TRITON_INTERPRET when its own functions and ours are decorated, and importing torchvision imports
+# triton: so it is set here, before any test module is collected, and the kernels run in Triton's interpreter on
+# CPU tensors (tests/test_kernels.py). AML_KERNELS_CUDA=1 runs them compiled on a CUDA device instead.
+if os.environ.get("AML_KERNELS_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
@@ -36,6 +43,16 @@ def tiny_bench(tmp_path_factory):
     with open(root / "gnd.pkl", "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
     return root
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """Six scikit-image photographs as JPEGs in one folder: a folder of one's own for `engine demo --photos`."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
+    return photos
 
 
 @pytest.fixture

@@ -3,17 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from skimage import data
 
 
 @pytest.mark.slow
-def test_demo_on_a_photo_folder(tmp_path, run_cli):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera"):
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
-    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photos, "--json")
+def test_demo_on_a_photo_folder(tmp_path, run_cli, photo_folder):
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photo_folder, "--json")
     assert code == 0, err
     metrics = json.loads(out)
     assert set(metrics) == {"teacher_sym", "student_sym", "student_asym"}
@@ -28,7 +22,7 @@ def test_demo_on_a_photo_folder(tmp_path, run_cli):
     # Every photograph of the folder is a test scene; the built-in photographs, less these, are the training scenes.
     info = json.loads((tmp_path / "demo" / "views" / "info.json").read_text())
     tested = {p["path"] for p in info["photos"] if p["split"] == "test"}
-    assert tested == {str(p) for p in photos.iterdir()}
+    assert tested == {str(p) for p in photo_folder.iterdir()}
     trained = [p["path"] for p in info["photos"] if p["split"] == "train"]
     assert trained and not any(Path(t).stem in {"astronaut", "coffee", "chelsea", "rocket", "coins", "camera"} for t in trained)
 

@@ -25,30 +25,32 @@ class RangeHandler(BaseHTTPRequestHandler):
     """
 
     def do_GET(self):
+        # Each request is logged before it is answered: the client's next request may be served by another
+        # thread before this one would have returned.
         path = self.server.folder / self.path.lstrip("/")
         if not path.is_file():
-            self.send_error(404)
             self.server.log.append((self.path, None, 0))
+            self.send_error(404)
             return
         data = path.read_bytes()
         rng = self.headers.get("Range") if self.server.ranges else None
         start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
-        if start >= len(data) and rng:
+        unsatisfiable = start >= len(data) and rng
+        body = b"" if unsatisfiable else data[start:]
+        self.server.log.append((self.path, rng, len(body)))
+        if unsatisfiable:
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{len(data)}")
             self.end_headers()
-            body = b""
-        else:
-            body = data[start:]
-            answer = self.server.content_range
-            self.send_response(206 if rng or answer else 200)
-            header = f"bytes {start}-{len(data) - 1}/{len(data)}" if answer is None else answer(start, len(data))
-            if (rng or answer) and header is not None:
-                self.send_header("Content-Range", header)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        self.server.log.append((self.path, rng, len(body)))
+            return
+        answer = self.server.content_range
+        self.send_response(206 if rng or answer else 200)
+        header = f"bytes {start}-{len(data) - 1}/{len(data)}" if answer is None else answer(start, len(data))
+        if (rng or answer) and header is not None:
+            self.send_header("Content-Range", header)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass

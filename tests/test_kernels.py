@@ -1,7 +1,7 @@
 """The descriptor head: the Triton kernels against the torch reference, the reference against float64.
 
 By default the Triton kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1
-is set here, before kernels.triton_head is imported: Triton reads it when a kernel is
+is set by tests/conftest.py, before any test module imports triton: Triton reads it when a kernel is
 decorated). With AML_KERNELS_CUDA=1 on a CUDA machine the same sweep runs the compiled
 kernels on CUDA tensors, plus the full-size case (bench/gpu_check.sh does this).
 
@@ -21,11 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-ON_CUDA = os.environ.get("AML_KERNELS_CUDA") == "1"
+ON_CUDA = os.environ.get("AML_KERNELS_CUDA") == "1"  # else tests/conftest.py set TRITON_INTERPRET=1
 if ON_CUDA and not torch.cuda.is_available():
     raise RuntimeError("AML_KERNELS_CUDA=1 but torch sees no CUDA device")
-if not ON_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
 

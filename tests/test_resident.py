@@ -11,14 +11,8 @@ from engine.resident import ResidentGallery, finite_rows, order_topk, plan_memor
 from engine.search import best_k, search, search_stores, store_sources
 from engine.store import Store, add_copy, open_store, read_manifest, write_store
 
+from test_index import D, unit
 from test_search_core import assert_exact
-
-D = 24
-
-
-def unit(rng, n, d=D):
-    g = rng.standard_normal((n, d)).astype(np.float32)
-    return g / np.linalg.norm(g, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")

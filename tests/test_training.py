@@ -511,15 +511,8 @@ def test_gallery_adaptation_refusals_are_one_line(tiny_bench, tmp_path, run_cli,
 
 
 @pytest.mark.slow
-def test_demo_adapt_adds_the_transductive_rows(tmp_path, run_cli):
-    from PIL import Image
-    from skimage import data
-
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera"):
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(photos / f"{name}.jpg", quality=92)
-    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photos, "--json", "--adapt", "--epochs", 1)
+def test_demo_adapt_adds_the_transductive_rows(tmp_path, run_cli, photo_folder):
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--photos", photo_folder, "--json", "--adapt", "--epochs", 1)
     assert code == 0, err
     metrics = json.loads(out)
     assert set(metrics) == {"teacher_sym", "student_sym", "student_asym", "student_adapted_asym", "student_adapted_sym"}
