@@ -1,0 +1,125 @@
+"""How far the demo's trained head can carry a student to photographs it never saw (issue 14's analysis).
+
+The demo trains only the student's projection (the trunk frozen): a linear map from the student's pooled
+features to the teacher's space, started at the classifier bridge. With the trunk frozen, the student's
+descriptor of a test image at each scale is a function of that image's GeM-pooled features alone, so this
+script encodes those features once (through an identity projection, at every protocol scale) with the
+teacher's gallery vectors, and then measures any head in milliseconds:
+
+- `bridge`: the untrained student (the demo's `student_asym`);
+- `trained lr=...`: the head trained on the benchmark's training scenes as `engine demo --train regression`
+  trains it (centred targets, Adam, 16-image batches, GeM p held at its start), asymmetric Medium mAP on
+  the test scenes after each epoch;
+- `fit on the test gallery`: the same head fitted to the test gallery's own images and teacher vectors
+  (transductive, an oracle for what any linear head on this trunk can reach on these photographs).
+
+    python bench/head_transfer.py OUT [--photos DIR] [--lr 1e-5 3e-6 1e-6] [--epochs 10]
+
+OUT receives the views benchmark and the feature cache (reused on a second run).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.cli.demo import STUDENT, TEACHER
+from engine.datasets import revisited
+from engine.datasets.photos import default_photos, photos_in, unseen
+from engine.datasets.sfm import load_training_set
+from engine.datasets.views import build_views
+from engine.encode import EncodeOptions, default_workers, encode_to_array
+from engine.evaluate import evaluate_revisited, rank_by_similarity
+from engine.models import build_student, build_teacher
+from engine.multiscale import PROTOCOL_SCALES
+from kernels import l2n
+
+
+def features(out: Path, photos: Path | None) -> dict:
+    """Bridge, per-scale student features and teacher vectors of the test gallery, test queries and training images."""
+    cache = out / "head_transfer.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    scene = photos_in(photos) if photos else None
+    build_views(out / "views", photos=scene, train_photos=unseen(default_photos(), scene) if photos else None)
+    teacher = build_teacher(TEACHER)
+    student = build_student(STUDENT, teacher.dim, teacher.space, teacher=teacher.name, bridge_to=teacher)
+    pooled = build_student(STUDENT, student.pooled_dim, teacher.space, teacher=teacher.name)  # GeM -> L2 itself
+    c = student.head.project.in_features
+    pooled.head.set_projection(torch.eye(c), torch.zeros(c))
+    workers = default_workers()
+
+    def per_scale(items):
+        return [encode_to_array(pooled, items, EncodeOptions(workers=workers, scales=(s,)))[0] for s in PROTOCOL_SCALES]
+
+    gnd_path = out / "views" / "test" / "gnd.pkl"
+    cfg = revisited.load_gnd(gnd_path)
+    images = revisited.images_dir_for(gnd_path)
+    gallery, queries = revisited.gallery_items(cfg, images), revisited.query_items(cfg, images)
+    train = [(p, None) for p in load_training_set(out / "views" / "train" / "db.pkl").images]
+    f = {
+        "W": student.head.project.weight.detach(), "b": student.head.project.bias.detach(), "gnd": cfg["gnd"],
+        "gallery_teacher": encode_to_array(teacher, gallery, EncodeOptions(workers=workers, scales=PROTOCOL_SCALES))[0],
+        "gallery": per_scale(gallery), "queries": per_scale(queries),
+        # as the demo trains: one scale, the teacher's vectors of the same images
+        "train": [encode_to_array(pooled, train, EncodeOptions(workers=workers))[0]],
+        "train_teacher": encode_to_array(teacher, train, EncodeOptions(workers=workers))[0],
+    }
+    torch.save(f, cache)
+    return f
+
+
+def describe(per_scale: list[np.ndarray], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The student's multi-scale descriptor from its per-scale pooled features (engine.multiscale.describe)."""
+    return l2n(sum(l2n(torch.as_tensor(x) @ W.T + b) for x in per_scale))
+
+
+def asym_map(f: dict, W: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = rank_by_similarity(describe(f["queries"], W, b).numpy(), f["gallery_teacher"])
+    return evaluate_revisited(ranks, f["gnd"])["medium"]["mAP"]
+
+
+def fit(f: dict, inputs: list[np.ndarray], targets: np.ndarray, lr: float, epochs: int, seed: int = 0) -> list[float]:
+    """Train the head from the bridge as the demo does (regression onto centred targets); mAP after each epoch."""
+    t = torch.as_tensor(targets)
+    t = l2n(t - t.mean(0))
+    x = [torch.as_tensor(v) for v in inputs]
+    W, b = torch.nn.Parameter(f["W"].clone()), torch.nn.Parameter(f["b"].clone())
+    opt = torch.optim.Adam([W, b], lr=lr, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, math.exp(-0.01))
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(epochs):
+        order = torch.as_tensor(rng.permutation(len(t)))
+        for i in range(0, len(t), 16):
+            idx = order[i:i + 16]
+            loss = 0.5 * (describe([v[idx] for v in x], W, b) - t[idx]).pow(2).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        scores.append(asym_map(f, W.detach(), b.detach()))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--photos", type=Path, help="a photo folder: every photograph a test scene (engine demo --photos)")
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-5, 3e-6, 1e-6])
+    ap.add_argument("--epochs", type=int, default=10)
+    args = ap.parse_args(argv)
+    f = features(args.out, args.photos)
+    print(f"bridge (untrained): {asym_map(f, f['W'], f['b']):.2f}")
+    for lr in args.lr:
+        scores = fit(f, f["train"], f["train_teacher"], lr, args.epochs)
+        print(f"trained lr={lr:g}, epochs 1..{args.epochs}: " + " ".join(f"{s:.2f}" for s in scores))
+    oracle = fit(f, f["gallery"], f["gallery_teacher"], 1e-5, args.epochs)
+    print(f"fit on the test gallery (transductive), lr=1e-05, best epoch: {max(oracle):.2f}")
+
+
+if __name__ == "__main__":
+    main()
