@@ -20,6 +20,7 @@ OUT receives the views benchmark and the feature cache (reused on a second run).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from pathlib import Path
 
@@ -33,9 +34,17 @@ from engine.datasets.sfm import load_training_set
 from engine.datasets.views import build_views
 from engine.encode import EncodeOptions, default_workers, encode_to_array
 from engine.evaluate import evaluate_revisited, rank_by_similarity
-from engine.models import build_student, build_teacher
+from engine.models import Encoder, build_student, build_teacher
 from engine.multiscale import PROTOCOL_SCALES
 from kernels import l2n
+
+
+def pooled_encoder(student: Encoder) -> Encoder:
+    """A copy of `student` whose projection is the identity: its descriptor at one scale is GeM -> L2 itself."""
+    pooled = copy.deepcopy(student)
+    c = student.head.project.in_features
+    pooled.head.set_projection(torch.eye(c), torch.zeros(c))
+    return pooled
 
 
 def features(out: Path, photos: Path | None) -> dict:
@@ -47,9 +56,7 @@ def features(out: Path, photos: Path | None) -> dict:
     build_views(out / "views", photos=scene, train_photos=unseen(default_photos(), scene) if photos else None)
     teacher = build_teacher(TEACHER)
     student = build_student(STUDENT, teacher.dim, teacher.space, teacher=teacher.name, bridge_to=teacher)
-    pooled = build_student(STUDENT, student.pooled_dim, teacher.space, teacher=teacher.name)  # GeM -> L2 itself
-    c = student.head.project.in_features
-    pooled.head.set_projection(torch.eye(c), torch.zeros(c))
+    pooled = pooled_encoder(student)
     workers = default_workers()
 
     def per_scale(items):
