@@ -14,7 +14,8 @@ teacher space it maps into. A whitening on a student is its teacher's Lw (the pa
 whitening: the student learns the teacher's raw space, both sides are whitened afterwards) or its own.
 
 Checkpoints are one .safetensors file whose header metadata holds the JSON config. `load_encoder(source)`
-takes a registry name, `checkpoint:PATH`, `cirtorch:PATH`, or a plain PATH whose kind is read from the
+takes a registry name, `checkpoint:PATH`, `cirtorch:PATH` (its single-scale Lw), `cirtorch-ms:PATH` (its
+multi-scale Lw, for descriptors at several scales), or a plain PATH whose kind is read from the
 file's first bytes (never from its suffix); `raw:SOURCE` is that encoder without its whitening, in the
 raw space its whitening was learned on (a space of its own: its vectors never mix with whitened ones).
 """
@@ -42,7 +43,10 @@ __all__ = [
 
 HEAD_SEED = 0  # a student head without a classifier bridge is drawn from this seed: same name, same encoder
 CHECKPOINT_KEY = "aml_engine"
-SOURCE_KINDS = ("checkpoint", "cirtorch")  # the prefixes of an explicit source: "checkpoint:PATH", "cirtorch:PATH"
+# the prefixes of an explicit source, "KIND:PATH"; a cirtorch file's learned whitening (meta['Lw']) is the
+# single-scale one under "cirtorch", the multi-scale one under "cirtorch-ms" (cirtorch's 'ss' / 'ms')
+SOURCE_KINDS = ("checkpoint", "cirtorch", "cirtorch-ms")
+CIRTORCH_LW = {"cirtorch": "ss", "cirtorch-ms": "ms"}
 RAW = "raw:"  # "raw:SOURCE": the encoder of SOURCE without its whitening (Encoder.unwhitened)
 
 ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [*backbones.SPECS, *cirtorch.SPECS]}
@@ -244,14 +248,15 @@ def load_checkpoint(path: str | Path) -> Encoder:
 
 
 class Source(NamedTuple):
-    """Where an encoder comes from: kind "registry" (ref: a name), "checkpoint" or "cirtorch" (ref: a path)."""
+    """Where an encoder comes from: kind "registry" (ref: a name), "checkpoint", "cirtorch" or "cirtorch-ms"
+    (ref: a path)."""
 
     kind: str
     ref: str
 
 
 def parse_source(source: str | Path) -> Source:
-    """A registry name, "checkpoint:PATH", "cirtorch:PATH", or a plain PATH (safetensors -> checkpoint,
+    """A registry name, "checkpoint:PATH", "cirtorch:PATH", "cirtorch-ms:PATH", or a plain PATH (safetensors -> checkpoint,
     torch's format -> cirtorch, told by `backbones.file_format`); anything else is an EngineError."""
     text = str(source)
     if not isinstance(source, Path):
@@ -263,14 +268,14 @@ def parse_source(source: str | Path) -> Source:
     if not Path(text).exists():
         raise EngineError(
             f"unknown model {text!r}: not a registry encoder ({', '.join(ENCODERS)}) and no such file; "
-            f"name a file as checkpoint:PATH or cirtorch:PATH"
+            f"name a file as checkpoint:PATH, cirtorch:PATH or cirtorch-ms:PATH"
         )
     return Source("checkpoint" if file_format(Path(text)) == "safetensors" else "cirtorch", text)
 
 
 def load_encoder(source: str | Path, weights: str | Path | None = None) -> Encoder:
     """An encoder from a source (see `parse_source`): a registry teacher (with `weights` for its backbone),
-    a checkpoint, or a cirtorch teacher file; `raw:SOURCE` is SOURCE's encoder without its whitening
+    a checkpoint, or a cirtorch teacher file (`cirtorch-ms:PATH`: with its multi-scale Lw); `raw:SOURCE` is SOURCE's encoder without its whitening
     (`Encoder.unwhitened`: the raw space, e.g. the targets of the paper's test-time whitening). A registry
     student needs a target: `build` it instead."""
     if not isinstance(source, Path) and str(source).startswith(RAW):
@@ -282,8 +287,8 @@ def load_encoder(source: str | Path, weights: str | Path | None = None) -> Encod
     src = parse_source(source)
     if src.kind == "checkpoint":
         return load_checkpoint(src.ref)
-    if src.kind == "cirtorch":
-        return cirtorch.load_teacher(src.ref)
+    if src.kind in CIRTORCH_LW:
+        return cirtorch.load_teacher(src.ref, lw=CIRTORCH_LW[src.kind])
     return build(src.ref, weights)
 
 

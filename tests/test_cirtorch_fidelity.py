@@ -141,3 +141,38 @@ def test_encode_pipeline_gives_cirtorch_multiscale_vectors(cirtorch_file, teache
 
     want = reference(net, [load_image(f, 96)[None] for f in files], CIRTORCH_MS, lw["ms"])
     assert np.abs(got - want).max() < 1e-5
+
+
+def test_the_source_names_which_lw(cirtorch_file, teachers, tmp_path, run_cli):
+    """`cirtorch-ms:PATH` is the file with its multi-scale Lw, `cirtorch:PATH` and a plain PATH with its
+    single-scale one; `engine encode --model cirtorch-ms:PATH --scales 1,0.707,0.5` gives cirtorch's vectors."""
+    from PIL import Image
+
+    from engine.models import load_encoder
+    from engine.store import open_store
+
+    path, net, lw = cirtorch_file
+    for source, key in ((f"cirtorch-ms:{path}", "ms"), (f"cirtorch:{path}", "ss"), (str(path), "ss")):
+        enc = load_encoder(source)
+        assert torch.equal(enc.head.whiten.weight, teachers[key].head.whiten.weight), source
+        assert enc.space == teachers[key].space, source
+    assert teachers["ms"].space != teachers["ss"].space
+
+    images = tmp_path / "images"
+    images.mkdir()
+    files = []
+    for i, (h, w) in enumerate([(72, 96), (96, 72)]):
+        arr = (photo_like(20 + i, h, w)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        files.append(images / f"im{i}.png")
+        Image.fromarray(arr).save(files[-1])
+    out = tmp_path / "ms.store"
+    code, _, err = run_cli("encode", "--model", f"cirtorch-ms:{path}", "--images", images, "--out", out,
+                           "--scales", "1,0.707,0.5", "--max-side", "96", "--workers", "0")
+    assert code == 0, err
+    store = open_store(out)
+    from engine.images import load_image
+
+    want = reference(net, [load_image(f, 96)[None] for f in files], CIRTORCH_MS, lw["ms"])
+    got = store.vectors()[[store.names().index(n) for n in sorted(store.names())]]
+    assert store.space == teachers["ms"].space
+    assert np.abs(got - want).max() < 1e-5

@@ -59,8 +59,8 @@ def _workers(workers: int) -> int:
 def resolve_encoder(model: Optional[str], student: Optional[str], target: Optional[str], weights: Optional[str]):
     """The encoder named by --model (teacher name or checkpoint) or by --student (an architecture) and --target.
 
-    A checkpoint is `checkpoint:PATH`, `cirtorch:PATH`, or a plain PATH whose kind is read from its first
-    bytes (engine.models.parse_source), never from its suffix.
+    A checkpoint is `checkpoint:PATH`, `cirtorch:PATH` (`cirtorch-ms:PATH`: with its multi-scale Lw), or a plain
+    PATH whose kind is read from its first bytes (engine.models.parse_source), never from its suffix.
     """
     from ..models import STUDENTS, build, load_encoder, registry_teacher_of
 
