@@ -45,8 +45,8 @@ HEAD_SEED = 0  # a student head without a classifier bridge is drawn from this s
 CHECKPOINT_KEY = "aml_engine"
 # the prefixes of an explicit source, "KIND:PATH"; a cirtorch file's learned whitening (meta['Lw']) is the
 # single-scale one under "cirtorch", the multi-scale one under "cirtorch-ms" (cirtorch's 'ss' / 'ms')
-SOURCE_KINDS = ("checkpoint", "cirtorch", "cirtorch-ms")
 CIRTORCH_LW = {"cirtorch": "ss", "cirtorch-ms": "ms"}
+SOURCE_KINDS = ("checkpoint", *CIRTORCH_LW)
 RAW = "raw:"  # "raw:SOURCE": the encoder of SOURCE without its whitening (Encoder.unwhitened)
 
 ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [*backbones.SPECS, *cirtorch.SPECS]}
@@ -256,8 +256,8 @@ class Source(NamedTuple):
 
 
 def parse_source(source: str | Path) -> Source:
-    """A registry name, "checkpoint:PATH", "cirtorch:PATH", "cirtorch-ms:PATH", or a plain PATH (safetensors -> checkpoint,
-    torch's format -> cirtorch, told by `backbones.file_format`); anything else is an EngineError."""
+    """A registry name, "checkpoint:PATH", "cirtorch:PATH", "cirtorch-ms:PATH", or a plain PATH (safetensors ->
+    checkpoint, torch's format -> cirtorch, told by `backbones.file_format`); anything else is an EngineError."""
     text = str(source)
     if not isinstance(source, Path):
         if text in ENCODERS:
@@ -275,9 +275,9 @@ def parse_source(source: str | Path) -> Source:
 
 def load_encoder(source: str | Path, weights: str | Path | None = None) -> Encoder:
     """An encoder from a source (see `parse_source`): a registry teacher (with `weights` for its backbone),
-    a checkpoint, or a cirtorch teacher file (`cirtorch-ms:PATH`: with its multi-scale Lw); `raw:SOURCE` is SOURCE's encoder without its whitening
-    (`Encoder.unwhitened`: the raw space, e.g. the targets of the paper's test-time whitening). A registry
-    student needs a target: `build` it instead."""
+    a checkpoint, or a cirtorch teacher file (`cirtorch-ms:PATH`: with its multi-scale Lw); `raw:SOURCE` is
+    SOURCE's encoder without its whitening (`Encoder.unwhitened`: the raw space, e.g. the targets of the paper's
+    test-time whitening). A registry student needs a target: `build` it instead."""
     if not isinstance(source, Path) and str(source).startswith(RAW):
         inner = str(source)[len(RAW):]
         encoder = load_encoder(inner, weights)
