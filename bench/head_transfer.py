@@ -34,9 +34,11 @@ from engine.datasets.sfm import load_training_set
 from engine.datasets.views import build_views
 from engine.encode import EncodeOptions, default_workers, encode_to_array
 from engine.evaluate import evaluate_revisited, rank_by_similarity
+from engine.files import written_by
 from engine.models import Encoder, build_student, build_teacher
 from engine.multiscale import PROTOCOL_SCALES
 from kernels import l2n
+from training.losses import regression
 
 
 def pooled_encoder(student: Encoder) -> Encoder:
@@ -48,10 +50,13 @@ def pooled_encoder(student: Encoder) -> Encoder:
 
 
 def features(out: Path, photos: Path | None) -> dict:
-    """Bridge, per-scale student features and teacher vectors of the test gallery, test queries and training images."""
+    """Bridge, per-scale student features and teacher vectors of the test gallery, test queries and training
+    images, and the test ground truth. The cache holds tensors only (read back with weights_only: a cache from
+    elsewhere is data); the ground truth is read from the benchmark's gnd.pkl by its own checked reader."""
     cache = out / "head_transfer.pt"
+    gnd_path = out / "views" / "test" / "gnd.pkl"
     if cache.exists():
-        return torch.load(cache, weights_only=False)
+        return {**torch.load(cache, weights_only=True), "gnd": revisited.load_gnd(gnd_path)["gnd"]}
     scene = photos_in(photos) if photos else None
     build_views(out / "views", photos=scene, train_photos=unseen(default_photos(), scene) if photos else None)
     teacher = build_teacher(TEACHER)
@@ -59,41 +64,41 @@ def features(out: Path, photos: Path | None) -> dict:
     pooled = pooled_encoder(student)
     workers = default_workers()
 
-    def per_scale(items):
-        return [encode_to_array(pooled, items, EncodeOptions(workers=workers, scales=(s,)))[0] for s in PROTOCOL_SCALES]
+    def encode(enc, items, scales=(1.0,)) -> torch.Tensor:
+        return torch.from_numpy(encode_to_array(enc, items, EncodeOptions(workers=workers, scales=scales))[0])
 
-    gnd_path = out / "views" / "test" / "gnd.pkl"
     cfg = revisited.load_gnd(gnd_path)
     images = revisited.images_dir_for(gnd_path)
     gallery, queries = revisited.gallery_items(cfg, images), revisited.query_items(cfg, images)
     train = [(p, None) for p in load_training_set(out / "views" / "train" / "db.pkl").images]
     f = {
-        "W": student.head.project.weight.detach(), "b": student.head.project.bias.detach(), "gnd": cfg["gnd"],
-        "gallery_teacher": encode_to_array(teacher, gallery, EncodeOptions(workers=workers, scales=PROTOCOL_SCALES))[0],
-        "gallery": per_scale(gallery), "queries": per_scale(queries),
+        "W": student.head.project.weight.detach(), "b": student.head.project.bias.detach(),
+        "gallery_teacher": encode(teacher, gallery, PROTOCOL_SCALES),
+        "gallery": [encode(pooled, gallery, (s,)) for s in PROTOCOL_SCALES],
+        "queries": [encode(pooled, queries, (s,)) for s in PROTOCOL_SCALES],
         # as the demo trains: one scale, the teacher's vectors of the same images
-        "train": [encode_to_array(pooled, train, EncodeOptions(workers=workers))[0]],
-        "train_teacher": encode_to_array(teacher, train, EncodeOptions(workers=workers))[0],
+        "train": [encode(pooled, train)],
+        "train_teacher": encode(teacher, train),
     }
-    torch.save(f, cache)
-    return f
+    with written_by(cache) as tmp:
+        torch.save(f, tmp)
+    return {**f, "gnd": cfg["gnd"]}
 
 
-def describe(per_scale: list[np.ndarray], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def describe(per_scale: list[torch.Tensor], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The student's multi-scale descriptor from its per-scale pooled features (engine.multiscale.describe)."""
     return l2n(sum(l2n(torch.as_tensor(x) @ W.T + b) for x in per_scale))
 
 
 def asym_map(f: dict, W: torch.Tensor, b: torch.Tensor) -> float:
-    ranks = rank_by_similarity(describe(f["queries"], W, b).numpy(), f["gallery_teacher"])
+    ranks = rank_by_similarity(describe(f["queries"], W, b).numpy(), f["gallery_teacher"].numpy())
     return evaluate_revisited(ranks, f["gnd"])["medium"]["mAP"]
 
 
-def fit(f: dict, inputs: list[np.ndarray], targets: np.ndarray, lr: float, epochs: int, seed: int = 0) -> list[float]:
+def fit(f: dict, inputs: list[torch.Tensor], targets: torch.Tensor, lr: float, epochs: int, seed: int = 0) -> list[float]:
     """Train the head from the bridge as the demo does (regression onto centred targets); mAP after each epoch."""
-    t = torch.as_tensor(targets)
-    t = l2n(t - t.mean(0))
-    x = [torch.as_tensor(v) for v in inputs]
+    t = l2n(targets - targets.mean(0))  # centred, as the Trainer centres its targets
+    x = inputs
     W, b = torch.nn.Parameter(f["W"].clone()), torch.nn.Parameter(f["b"].clone())
     opt = torch.optim.Adam([W, b], lr=lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, math.exp(-0.01))
@@ -103,7 +108,7 @@ def fit(f: dict, inputs: list[np.ndarray], targets: np.ndarray, lr: float, epoch
         order = torch.as_tensor(rng.permutation(len(t)))
         for i in range(0, len(t), 16):
             idx = order[i:i + 16]
-            loss = 0.5 * (describe([v[idx] for v in x], W, b) - t[idx]).pow(2).sum(1).mean()
+            loss = regression(describe([v[idx] for v in x], W, b), t[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
