@@ -56,10 +56,14 @@ def read_jpeg(path: str | Path) -> Jpeg | None:
     is parsed here. Never raises for the file's sake: an unreadable or odd file is the host's to name.
     """
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = bytearray(f.read(2))  # writable: torch.frombuffer takes it as it is, no copy
+            if raw != b"\xff\xd8":  # not a JPEG: read once, by the host path, not twice
+                return None
+            raw += f.read()
     except OSError:
         return None
-    if raw[:2] != b"\xff\xd8" or raw[-2:] != b"\xff\xd9":
+    if raw[-2:] != b"\xff\xd9":
         return None
     try:
         with warnings.catch_warnings():
@@ -72,7 +76,7 @@ def read_jpeg(path: str | Path) -> Jpeg | None:
                 orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
     except Exception:  # Pillow raises many types for a bad header
         return None
-    return Jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), orientation)
+    return Jpeg(torch.frombuffer(raw, dtype=torch.uint8), orientation)
 
 
 def decode_jpegs(jpegs: Sequence[Jpeg], device: torch.device) -> list[torch.Tensor | None]:
