@@ -222,7 +222,7 @@ class TorchRunner:
     backend = "torch"
 
     def __init__(self, encoder: Encoder, device: torch.device, compile: bool, channels_last: bool,
-                 cuda_graphs: bool = False, graph_buckets: int = GRAPH_BUCKETS):
+                 cuda_graphs: bool = False):
         self.device = device
         self.channels_last = channels_last
         model = encoder.to(device).eval()
@@ -230,7 +230,7 @@ class TorchRunner:
             model = model.to(memory_format=torch.channels_last)
         # dynamic=None: static first, then one shape-generic recompile when a second image size arrives.
         self.model = torch.compile(model) if compile else model
-        self.graphed = GraphedForward(self.model, device, channels_last, graph_buckets) if cuda_graphs else None
+        self.graphed = GraphedForward(self.model, device, channels_last) if cuda_graphs else None
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
