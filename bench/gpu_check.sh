@@ -12,7 +12,7 @@
 #   5. bench/bench_head.py: the head's GPU time against its memory bound, launched and as graphs; the encoder
 #      forward eager vs graphed;
 #   6. bench/bench_encode.py -k pipeline: `engine encode --device cuda` (nvJPEG) vs --decode host vs the bare forward;
-#   7. test_kernels: the whole kernel test file compiled for the GPU (the sweep of odd shapes).
+#   7. test_kernels: the rest of the kernel test file compiled for the GPU (the sweep of odd shapes).
 # The C++ search module is built in the background meanwhile (cmake, into engine/), as steps 3 and 4 need it.
 # Outputs under ${OUT:-bench/out}: nvidia-smi.csv, one NAME.txt per step, bench_*.json, gpu.md (the tables, made
 # by bench/gpu_report.py). Run from anywhere: bash bench/gpu_check.sh. The machine's python3 must hold torch (CUDA),
@@ -64,7 +64,7 @@ step bench_search 130 env AML_BENCH_DEVICE=cuda AML_BENCH_ROUNDS=3 \
 step bench_head 120 "$PY" bench/bench_head.py
 step bench_encode 130 env AML_BENCH_DEVICE=cuda "${PYTEST[@]}" bench/bench_encode.py -k pipeline \
     --benchmark-json="$OUT/bench_encode.json"
-step test_kernels 90 env AML_KERNELS_CUDA=1 "${PYTEST[@]}" tests/test_kernels.py
+step test_kernels 90 env AML_KERNELS_CUDA=1 "${PYTEST[@]}" tests/test_kernels.py -k "not (full_size or cuda)"  # test_cuda ran those
 
 "$PY" bench/gpu_report.py "$OUT" | tee "$OUT/gpu.md"
 echo "gpu_check: done, exit $rc; outputs in $OUT"
