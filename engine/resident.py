@@ -344,7 +344,6 @@ class ResidentGallery:
         """Per query block [(a, b, scan scores B x c, device rows B x c)]: the c best of the scan over all chunks."""
         import torch
 
-        dt = _torch_dtype(self.dtype)
         qb = self.plan.query_rows(min(self.rows, self.plan.chunk_rows), 4)
         blocks = [(a, min(a + qb, len(q))) for a in range(0, len(q), qb)]
         scaled = self._scan_queries(q)
