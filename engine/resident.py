@@ -26,26 +26,11 @@ import numpy as np
 from . import quantize
 from .checks import check_int
 from .errors import EngineError
-from .search import DEFAULT_RESCORE, merge_topk
+from .search import DEFAULT_RESCORE, merge_topk, torch_device
 
 DEVICE_DTYPES = ("float16", "bfloat16", "float32")
 WORK_BYTES = 1 << 30  # score blocks and rescoring gathers, at most (and at most a quarter of the budget)
 CUDA_BUDGET_FRACTION = 0.9  # of the device's free memory when no budget is given
-
-
-def check_device(device: str):
-    """A torch device for a resident gallery: "cpu" or an existing "cuda[:N]"."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EngineError(f"unknown device {device!r}: expected cpu or cuda[:N]") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda" or not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
-        raise EngineError(f"device {device!r} is not available here: no such CUDA device")
-    return torch.device("cuda", dev.index or 0)
 
 
 def default_dtype(stores) -> str:
@@ -182,7 +167,7 @@ class ResidentGallery:
     def __init__(self, sources: Sequence, device: str = "cuda", dtype: str | None = None, budget: int | None = None):
         import torch
 
-        self.device = check_device(device)
+        self.device = torch_device(device)
         self.dtype = default_dtype([s.store for s in sources]) if dtype is None else dtype
         if self.dtype not in DEVICE_DTYPES:
             raise EngineError(f"a device index holds float16, bfloat16 or float32, not {self.dtype!r}")

@@ -95,19 +95,28 @@ def check_result_size(nq: int, k: int, count: int) -> int:
     return width
 
 
-def check_device(backend: str, device: str) -> None:
-    """Only the torch backend runs on a chosen device; a CUDA device must exist."""
-    if device == "cpu":
-        return
-    if backend != "torch":
-        raise EngineError(f"backend {backend!r} does not take a device: --device {device} needs --backend torch")
+def torch_device(device: str):
+    """The torch device `device` names: "cpu" or an existing "cuda[:N]" (index made explicit); else an EngineError."""
     import torch
 
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise EngineError(f"unknown device {device!r}: expected cpu or cuda[:N]") from None
+    if dev.type == "cpu":
+        return dev
     if dev.type != "cuda" or not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"device {device!r} is not available here: no such CUDA device")
+    return torch.device("cuda", dev.index or 0)
+
+
+def check_device(backend: str, device: str) -> None:
+    """Only the torch backend runs on a chosen device, and that device is a CUDA device that exists."""
+    if device == "cpu":
+        return
+    if backend != "torch":
+        raise EngineError(f"backend {backend!r} does not take a device: --device {device} needs --backend torch")
+    if torch_device(device).type != "cuda":
         raise EngineError(f"device {device!r} is not available here: no such CUDA device")
 
 

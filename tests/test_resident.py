@@ -266,7 +266,7 @@ def cuda_as_cpu(monkeypatch):
     from engine.cli import options
 
     monkeypatch.setattr(options, "require_device", lambda device: None)
-    monkeypatch.setattr(resident, "check_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(resident, "torch_device", lambda device: torch.device("cpu"))
 
 
 def test_search_command_on_a_device(gallery, run_cli, tmp_path, cuda_as_cpu):
