@@ -23,7 +23,6 @@ from ..search import search
 from ..store import Store
 
 TEACHER = "effnet-lite2-gem"
-TRAIN_LR = 1e-5  # the head starts at the classifier bridge: small steps refine it, large ones undo it
 # EfficientNet-Lite0 rather than the paper's MobileNetV2: its classifier bridge lands nearer the teacher
 # (multi-scale, asymmetric Medium mAP 77.2 against 70.5 untrained, 80.1 against 76.3 trained; bench/RESULTS.md)
 # at about the same CPU time.
@@ -65,9 +64,9 @@ def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: E
                     out_dir / "teacher_val.store", opts, rebuild_stale=True)
     # The shortest useful run: the trunk stays frozen (its maps are computed once), so epochs take seconds,
     # and validation runs once at the end.
-    cfg = TrainConfig(student=student, loss=loss, mode="asym", epochs=epochs, lr=TRAIN_LR, batch_size=4,
-                      images_per_epoch=len(ts.images), query_size=min(len(ts.qidxs), len(ts.images)), pool_size=len(ts.images),
-                      max_side=opts.max_side, workers=opts.workers, freeze="trunk", val_every=epochs)
+    cfg = TrainConfig.from_recipe("demo", student=student, loss=loss, mode="asym", epochs=epochs,
+                                  images_per_epoch=len(ts.images), query_size=min(len(ts.qidxs), len(ts.images)),
+                                  pool_size=len(ts.images), max_side=opts.max_side, workers=opts.workers, val_every=epochs)
     run = out_dir / f"train-{loss}"
     trainer = Trainer(cfg, load_train_data(db, train_store), run, load_val_set(val_gnd, out_dir / "teacher_val.store"))
     trainer.fit()
@@ -150,7 +149,8 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = STUDENT, 
         from ..models import load_checkpoint
 
         log.print(f"training the student ({train_loss}, {epochs} epochs) on the benchmark's training scenes")
-        trained = load_checkpoint(_train(teacher, student, train_loss, bench, out_dir, replace(opts, scales=(1.0,)), epochs))
+        trained_path = _train(teacher, student, train_loss, bench, out_dir, replace(opts, scales=(1.0,)), epochs)
+        trained = load_checkpoint(trained_path)
         opts.label = "trained student gallery"
         ts_store = encode_to_store(trained, gallery, cfg["imlist"], out_dir / f"trained-{train_loss}.store", opts,
                                    rebuild_stale=True)
@@ -168,7 +168,7 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = STUDENT, 
         # rows sit apart from the protocol's and are never reported as its numbers.
         source = train_loss or "untrained"
         log.print(f"adapting the {source} student to the test gallery's own images (regression, {epochs} epochs, no labels)")
-        init = save_checkpoint(trained if train_loss else stu, out_dir / f"adapt-{source}.init.safetensors")
+        init = trained_path if train_loss else save_checkpoint(stu, out_dir / f"adapt-{source}.init.safetensors")
         adapt_cfg = TrainConfig.from_recipe("demo", student=student, loss="regression", epochs=epochs, max_side=opts.max_side,
                                             workers=opts.workers)
         adapt_to_gallery(adapt_cfg, out_dir / "teacher.store", out_dir / f"adapt-{source}", paths=[p for p, _ in gallery],
