@@ -39,6 +39,7 @@ from engine.models import Encoder, build_student, build_teacher
 from engine.multiscale import PROTOCOL_SCALES
 from kernels import l2n
 from training.losses import regression
+from training.trainer import TrainConfig
 
 
 def pooled_encoder(student: Encoder) -> Encoder:
@@ -96,19 +97,21 @@ def asym_map(f: dict, W: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fit(f: dict, inputs: list[torch.Tensor], targets: torch.Tensor, lr: float, epochs: int, seed: int = 0) -> list[float]:
-    """Train the head from the bridge as the demo does (regression onto centred targets); mAP after each epoch."""
+    """Train the head from the bridge as the demo does (its recipe's weight decay, lr decay and batch; regression
+    onto centred targets), at learning rate `lr`; mAP after each epoch."""
+    cfg = TrainConfig.from_recipe("demo", loss="regression")
+    batch = cfg.images_per_batch or 4 * cfg.batch_size  # the Trainer's batch for a loss without tuples
     t = l2n(targets - targets.mean(0))  # centred, as the Trainer centres its targets
-    x = inputs
     W, b = torch.nn.Parameter(f["W"].clone()), torch.nn.Parameter(f["b"].clone())
-    opt = torch.optim.Adam([W, b], lr=lr, weight_decay=1e-6)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, math.exp(-0.01))
+    opt = torch.optim.Adam([W, b], lr=lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, math.exp(-cfg.lr_decay))
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(epochs):
         order = torch.as_tensor(rng.permutation(len(t)))
-        for i in range(0, len(t), 16):
-            idx = order[i:i + 16]
-            loss = regression(describe([v[idx] for v in x], W, b), t[idx])
+        for i in range(0, len(t), batch):
+            idx = order[i:i + batch]
+            loss = regression(describe([v[idx] for v in inputs], W, b), t[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
