@@ -44,8 +44,11 @@ def _evaluate(store: Store, queries: np.ndarray, space: str, gnd: list, result_p
     return evaluate_revisited(ranks_from_ids(ids), gnd)
 
 
-def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: EncodeOptions, epochs: int):
-    """Train a student on the benchmark's training split (teacher vectors encoded once); returns the best checkpoint."""
+def train_on_views(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: EncodeOptions, epochs: int,
+                   mode: str = "asym") -> Path:
+    """Train a student on the views benchmark `bench`'s training split by the demo recipe (teacher vectors encoded
+    once into `out_dir`, validation on the held-out scenes); returns the best checkpoint's path. mode: asym (the
+    teacher's vectors are the references) or sym (the student's own, for the losses that have that form)."""
     from training.data import load_train_data
     from training.trainer import TrainConfig, Trainer
     from training.validate import load_val_set
@@ -64,13 +67,47 @@ def _train(teacher, student: str, loss: str, bench: Path, out_dir: Path, opts: E
                     out_dir / "teacher_val.store", opts, rebuild_stale=True)
     # The shortest useful run: the trunk stays frozen (its maps are computed once), so epochs take seconds,
     # and validation runs once at the end.
-    cfg = TrainConfig.from_recipe("demo", student=student, loss=loss, mode="asym", epochs=epochs,
+    cfg = TrainConfig.from_recipe("demo", student=student, loss=loss, mode=mode, epochs=epochs,
                                   images_per_epoch=len(ts.images), query_size=min(len(ts.qidxs), len(ts.images)),
                                   pool_size=len(ts.images), max_side=opts.max_side, workers=opts.workers, val_every=epochs)
-    run = out_dir / f"train-{loss}"
+    run = out_dir / run_name(loss, mode)
     trainer = Trainer(cfg, load_train_data(db, train_store), run, load_val_set(val_gnd, out_dir / "teacher_val.store"))
     trainer.fit()
     return run / "best.safetensors"
+
+
+def run_name(loss: str, mode: str = "asym") -> str:
+    """The folder of a training run under the demo's output: train-LOSS, train-LOSS-sym in symmetric mode."""
+    return f"train-{loss}" + ("-sym" if mode == "sym" else "")
+
+
+def adapt_on_gallery(student: str, init: Path, teacher_store: Path, gallery: list, out_dir: Path, opts: EncodeOptions,
+                     epochs: int) -> Path:
+    """Fit the student checkpoint `init` to the test gallery's own images and their vectors in `teacher_store`,
+    label-free (regression by the demo recipe), in `out_dir`; returns the last checkpoint's path. Transductive:
+    the student has then seen the gallery it is tested on."""
+    from training.adapt import adapt_to_gallery
+    from training.trainer import TrainConfig
+
+    cfg = TrainConfig.from_recipe("demo", student=student, loss="regression", epochs=epochs, max_side=opts.max_side,
+                                  workers=opts.workers)
+    adapt_to_gallery(cfg, teacher_store, out_dir, paths=[p for p, _ in gallery], init=init, progress=False)
+    return out_dir / "last.safetensors"
+
+
+def evaluate_encoder(enc, tag: str, gallery: list, queries: list, cfg: dict, teacher_store: Store, out_dir: Path,
+                     opts: EncodeOptions) -> dict:
+    """Encoder `enc` encodes the test gallery (store `out_dir/TAG.store`) and queries (`out_dir/queries_TAG.npy`);
+    returns {TAG_sym: its queries against its gallery, TAG_asym: its queries against `teacher_store`}, each an
+    evaluate_revisited dict, with the rankings saved as `out_dir/results/TAG_{sym,asym}.npz`."""
+    opts.label = f"{tag.replace('_', ' ')} gallery"
+    store = encode_to_store(enc, gallery, cfg["imlist"], out_dir / f"{tag}.store", opts, rebuild_stale=True)
+    opts.label = f"{tag.replace('_', ' ')} queries"
+    q = _queries(enc, queries, cfg["qimlist"], out_dir / f"queries_{tag}.npy", opts)
+    results = out_dir / "results"
+    results.mkdir(exist_ok=True)
+    return {f"{tag}_sym": _evaluate(store, q, enc.space, cfg["gnd"], results / f"{tag}_sym.npz"),
+            f"{tag}_asym": _evaluate(teacher_store, q, enc.space, cfg["gnd"], results / f"{tag}_asym.npz")}
 
 
 def _real_pairs(gnd_path: Path, teacher, student, opts: EncodeOptions) -> dict[str, float]:
@@ -131,37 +168,20 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = STUDENT, 
 
     opts.label = "teacher gallery"
     t_store = encode_to_store(teacher, gallery, cfg["imlist"], out_dir / "teacher.store", opts, rebuild_stale=True)
-    opts.label = "student gallery"
-    s_store = encode_to_store(stu, gallery, cfg["imlist"], out_dir / "student.store", opts, rebuild_stale=True)
     opts.label = "teacher queries"
     q_teacher = _queries(teacher, queries, cfg["qimlist"], out_dir / "queries_teacher.npy", opts)
-    opts.label = "student queries"
-    q_student = _queries(stu, queries, cfg["qimlist"], out_dir / "queries_student.npy", opts)
-
     results = out_dir / "results"
     results.mkdir(exist_ok=True)
-    metrics = {
-        "teacher_sym": _evaluate(t_store, q_teacher, teacher.space, cfg["gnd"], results / "teacher_sym.npz"),
-        "student_sym": _evaluate(s_store, q_student, stu.space, cfg["gnd"], results / "student_sym.npz"),
-        "student_asym": _evaluate(t_store, q_student, stu.space, cfg["gnd"], results / "student_asym.npz"),
-    }
+    metrics = {"teacher_sym": _evaluate(t_store, q_teacher, teacher.space, cfg["gnd"], results / "teacher_sym.npz")}
+    metrics |= evaluate_encoder(stu, "student", gallery, queries, cfg, t_store, out_dir, opts)
     if train_loss:
         from ..models import load_checkpoint
 
         log.print(f"training the student ({train_loss}, {epochs} epochs) on the benchmark's training scenes")
-        trained_path = _train(teacher, student, train_loss, bench, out_dir, replace(opts, scales=(1.0,)), epochs)
-        trained = load_checkpoint(trained_path)
-        opts.label = "trained student gallery"
-        ts_store = encode_to_store(trained, gallery, cfg["imlist"], out_dir / f"trained-{train_loss}.store", opts,
-                                   rebuild_stale=True)
-        opts.label = "trained student queries"
-        q_trained = _queries(trained, queries, cfg["qimlist"], out_dir / f"queries_trained-{train_loss}.npy", opts)
-        metrics["student_trained_sym"] = _evaluate(ts_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_sym.npz")
-        metrics["student_trained_asym"] = _evaluate(t_store, q_trained, trained.space, cfg["gnd"], results / "student_trained_asym.npz")
+        trained_path = train_on_views(teacher, student, train_loss, bench, out_dir, replace(opts, scales=(1.0,)), epochs)
+        metrics |= evaluate_encoder(load_checkpoint(trained_path), "student_trained", gallery, queries, cfg, t_store,
+                                    out_dir, opts)
     if adapt:
-        from training.adapt import adapt_to_gallery
-        from training.trainer import TrainConfig
-
         from ..models import load_checkpoint, save_checkpoint
 
         # Transductive: the student fits this very gallery (its images and teacher vectors, no labels), so these
@@ -169,22 +189,13 @@ def run_demo(out_dir: Path, photos: Path | None = None, student: str = STUDENT, 
         source = train_loss or "untrained"
         log.print(f"adapting the {source} student to the test gallery's own images (regression, {epochs} epochs, no labels)")
         init = trained_path if train_loss else save_checkpoint(stu, out_dir / f"adapt-{source}.init.safetensors")
-        adapt_cfg = TrainConfig.from_recipe("demo", student=student, loss="regression", epochs=epochs, max_side=opts.max_side,
-                                            workers=opts.workers)
-        adapt_to_gallery(adapt_cfg, out_dir / "teacher.store", out_dir / f"adapt-{source}", paths=[p for p, _ in gallery],
-                         init=init, progress=False)
-        adapted = load_checkpoint(out_dir / f"adapt-{source}" / "last.safetensors")
-        opts.label = "adapted student gallery"
-        ad_store = encode_to_store(adapted, gallery, cfg["imlist"], out_dir / f"adapted-{source}.store", opts, rebuild_stale=True)
-        opts.label = "adapted student queries"
-        q_adapted = _queries(adapted, queries, cfg["qimlist"], out_dir / f"queries_adapted-{source}.npy", opts)
-        metrics["student_adapted_sym"] = _evaluate(ad_store, q_adapted, adapted.space, cfg["gnd"], results / "student_adapted_sym.npz")
-        metrics["student_adapted_asym"] = _evaluate(t_store, q_adapted, adapted.space, cfg["gnd"], results / "student_adapted_asym.npz")
+        adapted = adapt_on_gallery(student, init, out_dir / "teacher.store", gallery, out_dir / f"adapt-{source}", opts, epochs)
+        metrics |= evaluate_encoder(load_checkpoint(adapted), "student_adapted", gallery, queries, cfg, t_store, out_dir, opts)
     real_pairs = _real_pairs(bench / "pairs" / "gnd.pkl", teacher, stu, opts)
     from ..report import write_report
 
     shown = ["teacher_sym", "student_asym"] + (["student_trained_asym"] if train_loss else [])
-    curves = out_dir / f"train-{train_loss}" / "log.jsonl" if train_loss else None
+    curves = out_dir / run_name(train_loss) / "log.jsonl" if train_loss else None
     report = write_report(gnd_path, [(name, results / f"{name}.npz") for name in shown], images_dir, out_dir / "report",
                           curves=curves)
     elapsed = time.perf_counter() - t0
