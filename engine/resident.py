@@ -4,7 +4,7 @@ score query blocks by matmul, keep each query's best candidates, rescore them ex
 What is held: the live, finite rows of every source (deleted rows are left out; a row whose scanned copy holds
 NaN or inf is answered on the host, see below) as one float16 / bfloat16 / float32 matrix in row order, and a
 float32 copy for the rescoring when the memory budget allows both (otherwise the rescoring reads the store's
-exact copy in host memory). A gallery beyond the budget is held in host chunks (pinned on CUDA) and streamed
+exact copy in host memory; a float32 matrix is its own rescoring copy, held once). A gallery beyond the budget is held in host chunks (pinned on CUDA) and streamed
 through two device buffers, the copy of chunk i + 1 running on a side stream while chunk i is scored.
 A search: each query block times each chunk in the scan dtype (tensor cores on CUDA: fp16 / bf16 inputs, fp32
 accumulation), the c = k * max(r, 1) best per query kept across chunks, those rescored as float32 dot
@@ -107,7 +107,8 @@ def plan_memory(rows: int, dim: int, dtype: str, budget: int | None) -> Plan:
     """The plan for `rows` x `dim` scanned rows of `dtype` (and their float32 copy) under `budget` bytes (None:
     no limit). Refuses a budget that cannot hold two chunks of one row beside the work space."""
     elem = 4 if dtype == "float32" else 2
-    scan, exact = rows * dim * elem, rows * dim * 4
+    # A float32 scan copy is the exact copy itself (the same rows, decoded the same way): rescoring reads it.
+    scan, exact = rows * dim * elem, 0 if dtype == "float32" else rows * dim * 4
     if budget is None:
         return Plan(True, True, max(rows, 1), WORK_BYTES)
     work = min(WORK_BYTES, budget // 4)
@@ -209,7 +210,9 @@ class ResidentGallery:
         try:
             if self.plan.resident:
                 self.chunks = [self._upload(host, self.rows)] if self.rows else []
-                if self.plan.exact_resident:
+                if self.plan.exact_resident and self.dtype == "float32":
+                    self.exact = self.chunks[0] if self.rows else None
+                elif self.plan.exact_resident:
                     parts = (_as_tensor(_exact_rows(view, keep), "float32") for view, keep in kept)
                     self.exact = self._upload(parts, self.rows, torch.float32)
             else:

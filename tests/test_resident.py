@@ -42,7 +42,7 @@ def assert_same(got, expect, tol=1e-5):
 
 
 # The budgets: None (scan and float32 copies on the device), one that holds the scan copy only (rescoring reads host
-# memory), and a tiny one (the scan streams through in chunks of a few rows).
+# memory, or the scan copy itself when it is float32), and a tiny one (the scan streams through in chunks of a few rows).
 BUDGETS = {"resident": None, "exact-on-host": 1.5, "streamed": 0.5}
 
 
@@ -55,8 +55,11 @@ def test_device_index_answers_as_the_engine(gallery, dtype, budget):
         budget = int(len(g) * D * (4 if dtype == "float32" else 2) * budget)  # 0.5 x: chunks of 88 rows
     index = Index(stores, device="cpu", device_dtype=dtype, device_memory=budget)
     held = index._gallery.resident
-    assert held.plan.resident != streamed and held.plan.exact_resident == (budget is None)
-    assert (held.exact is not None) == (budget is None) and len(held.chunks) == (6 if streamed else 1)
+    # a float32 scan copy is the exact copy: rescoring reads it wherever it is held, never a second copy of it
+    exact_held = budget is None or (dtype == "float32" and not streamed)
+    assert held.plan.resident != streamed and held.plan.exact_resident == exact_held
+    assert (held.exact is not None) == exact_held and len(held.chunks) == (6 if streamed else 1)
+    assert (held.exact is held.chunks[0]) == (dtype == "float32" and not streamed)
     for k in (1, 10, 100, 470, 1000):
         got = index.search(q, k, "space-a")
         assert_same(got, search_stores(stores, q, k, "space-a", scan="float32"))
@@ -106,6 +109,8 @@ def test_memory_plan():
     assert plan_memory(1000, 10, "float16", None).resident
     p = plan_memory(1000, 10, "float16", 79_000)  # the scan copy and a quarter for work, not the float32 copy too
     assert p.resident and not p.exact_resident
+    p = plan_memory(1000, 10, "float32", 79_000)  # a float32 scan copy is the rescoring copy: no second one to fit
+    assert p.resident and p.exact_resident
     p = plan_memory(1000, 10, "float16", 8000)
     assert not p.resident and p.chunk_rows == (8000 - 2000) // 40 and p.work == 2000
     assert p.query_rows(150, 4) == 3 and p.query_rows(10**6, 4) == 1
