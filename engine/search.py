@@ -105,8 +105,13 @@ def torch_device(device: str):
         raise EngineError(f"unknown device {device!r}: expected cpu or cuda[:N]") from None
     if dev.type == "cpu":
         return dev
-    if dev.type != "cuda" or not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
-        raise EngineError(f"device {device!r} is not available here: no such CUDA device")
+    if dev.type != "cuda":
+        raise EngineError(f"device {device!r} is not available here: expected cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} is not available here: no CUDA device (use cpu)")
+    if (dev.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"device {device!r} is not available here: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
     return torch.device("cuda", dev.index or 0)
 
 
@@ -116,8 +121,7 @@ def check_device(backend: str, device: str) -> None:
         return
     if backend != "torch":
         raise EngineError(f"backend {backend!r} does not take a device: --device {device} needs --backend torch")
-    if torch_device(device).type != "cuda":
-        raise EngineError(f"device {device!r} is not available here: no such CUDA device")
+    torch_device(device)
 
 
 def plan_scan(store: Store, scan: str | None = None, rescore: int | None = None) -> tuple[str, int]:

@@ -122,16 +122,12 @@ def device_name(value: str) -> str:
 
 
 def require_device(device: str) -> None:
-    """Refuse a CUDA device this machine does not have, in one line, before any work."""
-    if device == "cpu":
-        return
-    import torch
+    """Refuse a device this machine does not have, in one line, before any work (search.torch_device's check;
+    torch is imported only for a device other than the CPU)."""
+    if device != "cpu":
+        from ..search import torch_device
 
-    index = int(device.partition(":")[2] or 0)
-    if not torch.cuda.is_available():
-        raise EngineError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    if index >= torch.cuda.device_count():
-        raise EngineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch_device(device)
 
 
 def fit_search(count: int, k: int, rescore: int | None, threads: int, say: Callable[[str], None]) -> tuple[int, int | None, int]:
