@@ -41,6 +41,7 @@ class JobProgress:
         # keys of this job only: every rank opens its jobs in the same order, so they agree on the number
         self._store, self._prefix = store, (f"progress/{group.next_job()}/" if store is not None else "")
         self._published = 0.0
+        self._finished = False
         self.draw = self.leader and (sys.stderr.isatty() if enabled is None else enabled)
         self._bar = None
         if self.draw:
@@ -68,9 +69,11 @@ class JobProgress:
             self._redraw()
 
     def finish(self) -> None:
-        """This rank's work is done: its final count is published (ranks > 0)."""
-        if self.rank and self._store is not None:
+        """This rank's work is done: its final count is published (ranks > 0), once (closing the context after
+        finish() publishes nothing more)."""
+        if self.rank and self._store is not None and not self._finished:
             self._publish()
+        self._finished = True
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

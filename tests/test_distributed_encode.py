@@ -253,6 +253,30 @@ def test_nproc_under_torchrun_is_refused(run_cli, monkeypatch, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_rank_publishes_its_final_count_once():
+    """finish() before the job's final meeting publishes the count; closing the context does not publish it again."""
+    from types import SimpleNamespace
+
+    from engine.progress import JobProgress
+
+    class Store:
+        def __init__(self):
+            self.sets = []
+
+        def set(self, key, value):
+            self.sets.append((key, value))
+
+    for finish in (True, False):  # a caller that never calls finish() still has its count published on close
+        store = Store()
+        group = SimpleNamespace(world=2, rank=1, leader=False, store=store, next_job=lambda: 1)
+        with JobProgress(group, [2, 2], "job", False) as bar:
+            bar.advance(2)
+            store.sets.clear()  # what advance() published on the way
+            if finish:
+                bar.finish()
+        assert store.sets == [("progress/1/1", "2")]
+
+
 def test_a_failing_store_stops_the_counts_not_the_work():
     """torchrun's agent (the store's host) gone: publishing and reading counts give up quietly; the ranks work on."""
     from types import SimpleNamespace
