@@ -10,6 +10,7 @@ torch.distributed at all.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -71,8 +72,12 @@ class Group:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group if this object joined it."""
+        """Leave the process group if this object joined it. Outside an exception the ranks meet first: a rank's last
+        send can return before its peer has received it, and tearing the connections down under it can abort the
+        process (gloo's threads); after an error nobody waits (a rank that failed never comes)."""
         if self._owned:
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
             self._owned = False
 
