@@ -14,7 +14,10 @@ teacher's gallery vectors, and then measures any head in milliseconds:
   (transductive), by the demo's optimiser, and to convergence (full batch, raw targets): an oracle for what a
   linear head on this trunk can reach on these photographs;
 - the head fitted to convergence on the training images instead, and in closed form (ridge regression towards
-  the bridge, at several strengths): what fitting the teacher better on other photographs does to these.
+  the bridge, at several strengths): what fitting the teacher better on other photographs does to these;
+- `bridge, queries shifted`: the untrained student with a fraction of the training images' mean teacher vector
+  taken from each query. The demo's regression onto centred targets learns that shift first; this row
+  separates what the shift alone is worth on these photographs from what the trained head adds.
 
     python bench/head_transfer.py OUT [--photos DIR] [--lr 1e-5 3e-6 1e-6] [--epochs 10]
 
@@ -139,6 +142,13 @@ def fit_to_convergence(f: dict, inputs: list[torch.Tensor], targets: torch.Tenso
     return scores
 
 
+def shifted_queries_map(f: dict, alpha: float) -> float:
+    """Asymmetric mAP of the bridge's queries minus `alpha` times the training images' mean teacher vector."""
+    queries = l2n(describe(f["queries"], f["W"], f["b"]) - alpha * f["train_teacher"].mean(0))
+    ranks = rank_by_similarity(queries.numpy(), f["gallery_teacher"].numpy())
+    return evaluate_revisited(ranks, f["gnd"])["medium"]["mAP"]
+
+
 def ridge_to_bridge(f: dict, x: torch.Tensor, targets: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine head [W b] minimising sum_i |W x_i + b - n_i t_i|^2 + lam * N * |[W b] - bridge|^2 in closed form,
     each target t_i (unit) taken at the norm n_i of the bridge's output for x_i, so that the bridge is the solution
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     f = features(args.out, args.photos)
     print(f"bridge (untrained): {asym_map(f, f['W'], f['b']):.2f}")
+    print("bridge, queries shifted by -alpha x the training images' mean teacher vector, alpha "
+          + ", ".join(f"{a:g}: {shifted_queries_map(f, a):.2f}" for a in (0.125, 0.25, 0.5)))
     for lr in args.lr:
         scores = fit(f, f["train"], f["train_teacher"], lr, args.epochs)
         print(f"trained lr={lr:g}, epochs 1..{args.epochs}: " + " ".join(f"{s:.2f}" for s in scores))

@@ -29,3 +29,16 @@ def test_descriptor_from_cached_features_is_the_students_multiscale_descriptor()
     assert got.shape == (2, 16)
     assert torch.allclose(got, want, atol=1e-5)
     assert student.head.project.out_features == 16  # the identity projection went on a copy
+
+
+def test_shifted_queries_are_the_bridge_at_zero_and_move_towards_the_gallery_away_from_the_training_mean():
+    # two scenes of two gallery images each; the training mean points at scene 1's images
+    gallery = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0.2], [1.0, 0, 0.3], [0.2, 1.0, 0], [0.3, 1.0, 0]]), dim=1)
+    query = torch.tensor([[0.8, 0.6, 0.0]])
+    f = {"queries": [query], "W": torch.eye(3), "b": torch.zeros(3), "gallery_teacher": gallery,
+         "train_teacher": torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]),
+         "gnd": [{"easy": [2, 3], "hard": [], "junk": []}]}
+    unshifted = head_transfer.asym_map(f, f["W"], f["b"])
+    assert head_transfer.shifted_queries_map(f, 0.0) == unshifted
+    assert unshifted < 100.0  # the query leans to scene 1, the wrong one
+    assert head_transfer.shifted_queries_map(f, 0.5) == 100.0  # without the mean, scene 2 ranks first
