@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from engine.backends import capture_cuda_graph, make_runner  # noqa: E402
 from engine.models import build_student  # noqa: E402
+from gpu_report import table  # noqa: E402  (the script's folder is on sys.path: one markdown table for the bench)
 from kernels import triton_head  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -177,11 +178,6 @@ def encoder_rows(size: str) -> list[list[str]]:
     return rows
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -195,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
           f"read bandwidth {gbps:.0f} GB/s\n")
     print(f"Head, B = {B}, C = {C}, {H} x {Wd}, D = {D}: GPU us (do_bench median) against the memory bound\n")
     heads = head_rows(size, gbps)
-    print(table(["case", "variant", "GPU us", "bound us", "GPU / bound", "rel err"], heads))
+    print("\n".join(table(["case", "variant", "GPU us", "bound us", "GPU / bound", "rel err"], heads)))
     print("\nEncoder forward, EfficientNet-Lite0 student, float32 channels_last, images on the device: images/s\n")
-    print(table(["side", "batch", "eager", "CUDA graphs", "speed-up", "max |diff|"], encoder_rows(size)))
+    print("\n".join(table(["side", "batch", "eager", "CUDA graphs", "speed-up", "max |diff|"], encoder_rows(size))))
     failed = [f"{r[0]}, {r[1]}" for r in heads if r[2].startswith("failed")]
     if failed:
         sys.exit(f"bench_head: {len(failed)} head variants failed: {'; '.join(failed)}")
