@@ -237,11 +237,13 @@ def test_pipeline_vs_bare_forward(benchmark, bench_report, cache, tmp_path, jpeg
                                 usage=usage)
     assert len(batches) < count  # equal sizes did share batches
     bare_all = np.stack([bare_vecs[i] for i in range(count)])
-    stored = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}-host.store", replace(opts, decode="host")).vectors()
+    # the checks reuse the timed runner: a new one would compile again on CUDA
+    stored = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}-host.store", replace(opts, decode="host"),
+                             overwrite=True, runner=runner).vectors()
     np.testing.assert_allclose(stored, bare_all, atol=1e-4 if CUDA else 1e-5)
     # Decoded on the device: nvJPEG upsamples chroma by nearest neighbour where Pillow interpolates
     on_device = encode_to_store(enc, items, names, tmp_path / f"w{opts.workers}-device.store",
-                                replace(opts, decode="device")).vectors()
+                                replace(opts, decode="device"), overwrite=True, runner=runner).vectors()
     benchmark.extra_info.update(device_decode_max_abs_diff=float(np.abs(on_device - bare_all).max()),
                                 device_decode_min_cosine=float((on_device * bare_all).sum(1).min()))
     assert np.abs(on_device - bare_all).max() < (5e-2 if CUDA else 5e-3)
