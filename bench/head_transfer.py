@@ -97,9 +97,14 @@ def describe(per_scale: list[torch.Tensor], W: torch.Tensor, b: torch.Tensor) ->
     return l2n(sum(l2n(torch.as_tensor(x) @ W.T + b) for x in per_scale))
 
 
-def asym_map(f: dict, W: torch.Tensor, b: torch.Tensor) -> float:
-    ranks = rank_by_similarity(describe(f["queries"], W, b).numpy(), f["gallery_teacher"].numpy())
+def queries_map(f: dict, queries: torch.Tensor) -> float:
+    """Medium mAP of these query descriptors against the teacher's test gallery."""
+    ranks = rank_by_similarity(queries.numpy(), f["gallery_teacher"].numpy())
     return evaluate_revisited(ranks, f["gnd"])["medium"]["mAP"]
+
+
+def asym_map(f: dict, W: torch.Tensor, b: torch.Tensor) -> float:
+    return queries_map(f, describe(f["queries"], W, b))
 
 
 def fit(f: dict, inputs: list[torch.Tensor], targets: torch.Tensor, lr: float, epochs: int, seed: int = 0) -> list[float]:
@@ -144,9 +149,7 @@ def fit_to_convergence(f: dict, inputs: list[torch.Tensor], targets: torch.Tenso
 
 def shifted_queries_map(f: dict, alpha: float) -> float:
     """Asymmetric mAP of the bridge's queries minus `alpha` times the training images' mean teacher vector."""
-    queries = l2n(describe(f["queries"], f["W"], f["b"]) - alpha * f["train_teacher"].mean(0))
-    ranks = rank_by_similarity(queries.numpy(), f["gallery_teacher"].numpy())
-    return evaluate_revisited(ranks, f["gnd"])["medium"]["mAP"]
+    return queries_map(f, l2n(describe(f["queries"], f["W"], f["b"]) - alpha * f["train_teacher"].mean(0)))
 
 
 def ridge_to_bridge(f: dict, x: torch.Tensor, targets: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
